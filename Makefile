@@ -1,0 +1,44 @@
+# The two commands of the README: `make lab` and `make test`. Both create .venv when missing and
+# reinstall only when pyproject.toml or constraints.txt changed, so a second run is quick.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Where pip finds torch: on a laptop without a GPU, `make TORCH_INDEX=https://download.pytorch.org/whl/cpu test`
+# takes the small CPU build instead of the multi-GB CUDA one.
+TORCH_INDEX ?=
+PIP_EXTRA := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+# Tests never see a GPU unless asked (`make test-gpu`): notebooks are stored as executed on a CPU.
+CPU_ENV := CUDA_VISIBLE_DEVICES= HYPOTHESIS_PROFILE=$(if $(CI),ci,dev)
+
+.PHONY: setup lab test test-fast test-gpu figures bench-cpu clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+setup: $(STAMP)
+
+lab: setup
+	$(BIN)/jupyter lab --no-browser --notebook-dir=notebooks
+
+test: setup
+	$(CPU_ENV) $(BIN)/python -m pytest -n 2 --dist loadfile --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+test-fast: setup
+	$(CPU_ENV) $(BIN)/python -m pytest -n 2 --dist loadfile -m "not browser" tests
+
+test-gpu:
+	python3 -m pytest -m gpu -p no:nbval tests
+
+figures: setup
+	CUDA_VISIBLE_DEVICES= $(BIN)/python -m moba_edu.figures
+
+bench-cpu: setup
+	CUDA_VISIBLE_DEVICES= $(BIN)/python -m moba_edu.bench --cpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
