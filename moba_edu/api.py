@@ -6,9 +6,9 @@ and, optionally, a native packed version
     moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, scale)
         -> (o [T,Hq,D], lse [Hq,T])
 where cu_seqlens has been checked and max_seqlen is an int. Rungs without a packed version are run
-once per sequence here. A rung may also define `unsupported(q, k, v) -> str | None`, the reason it
-cannot take these inputs (None when it can), used by impl="auto" to fall back and by an explicit
-impl to raise.
+once per sequence here. A rung may also define `unsupported(q, k, v) -> Exception | None`: the error
+(a TypeError or ValueError naming the argument) for inputs it cannot take, None when it can. An
+explicit impl raises it; impl="auto" falls back to the torch rung instead.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def _pick_rung(impl: str, q, k, v):
                 return kernels
         return _load_rung("torch" if _rung_available("torch") else "naive")
     rung = _load_rung(impl)
-    reason = getattr(rung, "unsupported", lambda *_: None)(q, k, v)
-    if reason is not None:
-        raise ValueError(f"impl={impl!r} cannot take these inputs: {reason}")
+    error = getattr(rung, "unsupported", lambda *_: None)(q, k, v)
+    if error is not None:
+        raise error
     return rung
 
 
