@@ -1,0 +1,31 @@
+"""Regenerate every committed figure under figures/ (`make figures`, `python -m moba_edu.figures`).
+
+Routing and cost figures come from `moba_edu.viz.gallery`; benchmark plots are re-drawn from the
+committed JSON under figures/bench/ by `moba_edu.bench.plot_all` (no re-measuring).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FIGURES = Path(__file__).resolve().parent.parent / "figures"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=FIGURES, help="folder to write into (default: figures/)")
+    args = parser.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from . import bench
+    from .viz import gallery
+
+    written = gallery.save_all(args.out) + bench.plot_all(args.out / "bench")
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
