@@ -4,12 +4,12 @@ environment.yml pins the same versions; `import moba_edu` stays light."""
 import re
 import subprocess
 import sys
-import pytest
-
-tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 from pathlib import Path
 
+import pytest
 import yaml
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parent.parent
 
