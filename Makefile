@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# Headless-safe: no browser is opened, JupyterLab prints the URL (with its token) to open.
 lab: setup
-	$(BIN)/jupyter lab --no-browser --notebook-dir=notebooks
+	$(BIN)/jupyter lab --no-browser --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: setup
 	$(CPU_ENV) $(BIN)/python -m pytest -n 2 --dist loadgroup --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
