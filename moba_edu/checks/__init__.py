@@ -19,3 +19,14 @@ def expect(condition: bool, mistake: str) -> None:
     """Raise `Mistake(mistake)` unless `condition` holds."""
     if not condition:
         raise Mistake(mistake)
+
+
+def judge(answer, correct, mistakes: dict, same, otherwise: str) -> None:
+    """Return if `same(answer, correct)`; else raise `Mistake` naming the first planted mistake whose
+    result the answer equals (`mistakes`: {message: what that mistake computes}), or `otherwise`."""
+    if same(answer, correct):
+        return
+    for message, wrong in mistakes.items():
+        if same(answer, wrong):
+            raise Mistake(message)
+    raise Mistake(otherwise)
