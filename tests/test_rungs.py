@@ -12,7 +12,7 @@ import moba_edu as me
 from reference import reference_moba, reference_moba_varlen
 from strategies import cases, rel_err, varlen_cases
 
-RUNGS = ["naive"]
+RUNGS = ["naive", "torch"]
 
 
 @pytest.mark.parametrize("impl", RUNGS)

@@ -1,0 +1,241 @@
+"""Rung 2: MoBA in pure PyTorch, touching only the blocks each query selected.
+
+The dense mask of rung 1 costs O(S^2) whatever `top_k` is. This rung computes the same function with
+O(S * top_k * block_size) work and memory, in three steps:
+
+1. Own block. Query t attends keys of its own block causally. Cut the sequence into blocks and run
+   ordinary causal attention inside each block: [N, block, block] score tiles, never [S, S].
+2. Routed blocks. Each query also selected up to top_k - 1 whole earlier blocks. Turn the question
+   around, as MoonshotAI/MoBA's efficient path does: for each (key block, key/value head), gather the
+   queries that selected it and attend them to that block alone. Queries are sorted by the block
+   they chose and cut into tiles of `tile_rows(block_size)` rows, so one batched matmul serves all
+   blocks at once (a group's last tile is padded; padded rows are computed and dropped).
+3. Merge. Every step returns, per query and key set A_i, a *partial* result: the softmax-weighted
+   average o_i of the values in A_i and the log-sum-exp lse_i = log sum_{j in A_i} exp(s_j) of the
+   scaled scores s_j. The sets are disjoint (a routed block lies wholly before the own block, and
+   top-k never picks a block twice) and their union is exactly what the query attends, so with
+   Z_i = exp(lse_i) and Z = sum_i Z_i:
+       softmax over the union:  o = sum_j exp(s_j) v_j / Z = sum_i (Z_i / Z) o_i
+                                lse = log Z = log sum_i exp(lse_i)
+   i.e. the exact softmax, from partials weighted by exp(lse_i - lse). (`merge_partials`; the same
+   rescaling is what FlashAttention (Dao et al., 2022) does between key tiles.)
+
+Everything runs on packed tokens, flash-attn's varlen layout: q [T, Hq, D], k and v [T, Hkv, D], with
+sequences cut by `cu_seqlens`; a batch [B, H, S, D] is B packed sequences of length S. Key blocks are
+numbered globally in token order (`BlockTable`), so blocks restart at every sequence and no query
+ever meets another sequence's keys. Grouped-query heads (Hq = g * Hkv) are handled by stacking the g
+query heads that share a key/value head as extra query rows, never by repeating k and v.
+
+Routing is routing.py's, run without gradient (top-k is piecewise constant, as in rung 1), with the
+[S, N] gate matrix built a chunk of queries at a time (`route_in_chunks`). Attention is
+differentiated by autograd through the gathers and scatters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .routing import block_means, num_blocks, own_block, select_blocks
+
+# Gate entries (float32) the router may hold at once: 2**22 of them are 16 MiB. Past that, queries are
+# routed a chunk of rows at a time.
+GATE_BUDGET = 2**22
+
+
+def tile_rows(block_size: int) -> int:
+    """Rows (queries) per routed tile: as many as a block has keys, at least 16. A tile's scores are
+    [rows, block_size]; each (block, head) wastes under one tile of padding, so the padding costs at
+    most as much as the own-block scores."""
+    return max(16, block_size)
+
+
+def route_in_chunks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
+                    gate_budget: int = GATE_BUDGET) -> torch.Tensor:
+    """`routing.route(q, k, ...).indices`, holding at most about `gate_budget` gates at a time.
+
+    q: [B, Hq, S, D], k: [B, Hkv, S, D] -> int64 [B, Hq, S, min(top_k, N)] (own block first, then the
+    routed blocks by descending gate, then -1). The gates of a chunk of rows are routing.gate_scores's
+    dot products against block means computed once, masked by routing.eligible's rule for those rows.
+    """
+    B, Hq, S, _ = q.shape
+    g = Hq // k.shape[1]
+    N = num_blocks(S, block_size)
+    if S == 0:
+        return torch.empty(B, Hq, 0, 0, dtype=torch.int64, device=q.device)
+    means_t = block_means(k, block_size).repeat_interleave(g, dim=1).transpose(-1, -2)  # [B, Hq, D, N], small
+    rows = max(1, gate_budget // (B * Hq * N))
+    blocks = torch.arange(N, device=q.device)
+    own = own_block(S, block_size, q.device)
+    chunks = []
+    for start in range(0, S, rows):
+        own_rows = own[start:start + rows]
+        scores = q[:, :, start:start + rows].detach().float() @ means_t  # [B, Hq, rows, N]
+        gates = scores.masked_fill(blocks >= own_rows[:, None], float("-inf"))  # eligible: j < t // block_size
+        chosen = select_blocks(gates, block_size, top_k)
+        chosen[..., 0] = own_rows  # select_blocks numbers rows from 0; this chunk starts at `start`
+        chunks.append(chosen)
+    return torch.cat(chunks, dim=2)
+
+
+@dataclass
+class BlockTable:
+    """The key blocks of a packed batch, numbered globally in token order (NB blocks in all).
+
+    tokens: int64 [NB, W], the token index of each slot of each block; W = min(block_size, longest
+            sequence). Slots past a short block's end repeat its first token (valid there is False).
+    valid:  bool [NB, W], True where the slot holds a token of the block.
+    first:  int64 [n], the global number of each sequence's first block (local block j of sequence i
+            is global block first[i] + j).
+    """
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    first: torch.Tensor
+
+    @staticmethod
+    def build(cu_seqlens: torch.Tensor, longest: int, block_size: int) -> BlockTable:
+        """cu_seqlens: int64 [n+1]; longest: the longest sequence length."""
+        starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
+        counts = (ends - starts + block_size - 1) // block_size  # blocks per sequence; 0 when empty
+        first = counts.cumsum(0) - counts
+        seq = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)  # [NB]
+        block_start = starts[seq] + (torch.arange(len(seq), device=seq.device) - first[seq]) * block_size
+        tokens = block_start[:, None] + torch.arange(min(block_size, longest), device=seq.device)
+        valid = tokens < ends[seq][:, None]
+        return BlockTable(torch.where(valid, tokens, block_start[:, None]), valid, first)
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None):
+    """Softmax attention of q [..., M, D] over k, v [..., W, D] alone: (o [..., M, D], lse [..., M]).
+
+    mask: bool broadcastable to [..., M, W], True where the key is attended; each row needs one.
+    """
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = scores.logsumexp(dim=-1)
+    return torch.exp(scores - lse[..., None]) @ v, lse
+
+
+def merge_partials(o: torch.Tensor, lse: torch.Tensor):
+    """Exact softmax from partial results over disjoint key sets (see the module docstring).
+
+    o: [..., P, D] and lse [..., P] of P partials (lse = -inf for an empty one) -> (o [..., D], lse [...]).
+    logsumexp subtracts the largest lse before exponentiating, so nothing overflows.
+    """
+    total = lse.logsumexp(dim=-1)
+    weights = torch.exp(lse - total[..., None])  # Z_i / Z, summing to 1; 0 for an empty partial
+    return (weights[..., None] * o).sum(dim=-2), total
+
+
+def own_block_attention(q, k, v, table: BlockTable, scale: float):
+    """Causal attention inside each query's own block.
+
+    q: [T, Hq, D], k, v: [T, Hkv, D] -> o [T, Hq, D], lse [T, Hq]. The g query heads sharing a key/value
+    head are stacked as g * W query rows against one [W, D] key tile: [NB, Hkv, g*W, W] scores.
+    """
+    NB, W = table.tokens.shape
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    qb = q[table.tokens].view(NB, W, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(NB, Hkv, g * W, D)
+    kb, vb = (x[table.tokens].transpose(1, 2) for x in (k, v))  # [NB, Hkv, W, D]
+    causal = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()  # key slot <= query slot
+    mask = (causal & table.valid[:, None, :]).repeat(1, g, 1)[:, None]  # [NB, 1, g*W, W]
+    o, lse = partial_attention(qb, kb, vb, scale, mask)
+    o = o.view(NB, Hkv, g, W, D).permute(0, 3, 1, 2, 4).reshape(NB, W, Hq, D)
+    lse = lse.view(NB, Hkv, g, W).permute(0, 3, 1, 2).reshape(NB, W, Hq)
+    return o[table.valid], lse[table.valid]  # blocks are in token order, so this is token order
+
+
+def routed_attention(q, k, v, table: BlockTable, routed: torch.Tensor, scale: float):
+    """Attention of each query to each routed block on its own, gathered per (key block, kv head).
+
+    q: [T, Hq, D], k, v: [T, Hkv, D], routed: int64 [T, Hq, R] global block numbers (-1: none)
+    -> o [T, Hq, R, D] (0 where none), lse [T, Hq, R] (-inf where none).
+    """
+    T, Hq, D = q.shape
+    R = routed.shape[-1]
+    NB, W = table.tokens.shape
+    Hkv = k.shape[1]
+    o = q.new_zeros(T, Hq, R, D)
+    lse = q.new_full((T, Hq, R), float("-inf"))
+    token, head, slot = (routed >= 0).nonzero(as_tuple=True)  # one (query, head, slot) per selection
+    if token.numel() == 0:
+        return o, lse
+    # Sort the selections by (kv head, key block): each group's queries attend the same keys.
+    group, order = ((head // (Hq // Hkv)) * NB + routed[token, head, slot]).sort(stable=True)
+    token, head, slot = token[order], head[order], slot[order]
+    # Cut every group into tiles of `rows` queries; selection i lands in tile `tile[i]`, row `row[i]`.
+    rows = tile_rows(W)
+    sizes = torch.bincount(group, minlength=Hkv * NB)
+    tiles_per_group = (sizes + rows - 1) // rows
+    rank = torch.arange(len(group), device=q.device) - (sizes.cumsum(0) - sizes)[group]
+    tile = (tiles_per_group.cumsum(0) - tiles_per_group)[group] + rank // rows
+    row = rank % rows
+    tile_group = torch.repeat_interleave(torch.arange(Hkv * NB, device=q.device), tiles_per_group)
+    tile_keys = table.tokens[tile_group % NB]  # [tiles, W]: a routed block is never a short last block
+    kt, vt = (x[tile_keys, (tile_group // NB)[:, None]] for x in (k, v))  # [tiles, W, D]
+    qt = q.new_zeros(len(tile_group), rows, D).index_put((tile, row), q[token, head])
+    o_tiles, lse_tiles = partial_attention(qt, kt, vt, scale)
+    o = o.index_put((token, head, slot), o_tiles[tile, row])
+    lse = lse.index_put((token, head, slot), lse_tiles[tile, row])
+    return o, lse
+
+
+def attend(q, k, v, table: BlockTable, routed: torch.Tensor, scale: float):
+    """MoBA on packed tokens given the routing: q [T, Hq, D], k, v [T, Hkv, D], routed [T, Hq, R]
+    -> o [T, Hq, D] in q's dtype, lse [Hq, T] float32 (float64 for float64 inputs)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = (x.to(compute) for x in (q, k, v))
+    o_own, lse_own = own_block_attention(qc, kc, vc, table, scale)
+    o_routed, lse_routed = routed_attention(qc, kc, vc, table, routed, scale)
+    o, lse = merge_partials(torch.cat([o_own[:, :, None], o_routed], dim=2),
+                            torch.cat([lse_own[:, :, None], lse_routed], dim=2))
+    return o.to(q.dtype), lse.transpose(0, 1)
+
+
+def _global_routed(indices: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Routed columns of per-sequence indices [n, Hq, S, K] as global block numbers (-1 stays -1)."""
+    routed = indices[..., 1:]
+    return torch.where(routed >= 0, routed + first[:, None, None, None], routed)
+
+
+def moba_attention(q, k, v, block_size: int, top_k: int, scale: float):
+    """Efficient MoBA. q: [B, Hq, S, D], k, v: [B, Hkv, S, D] -> o [B, Hq, S, D] (q's dtype),
+    lse [B, Hq, S] (float32; float64 for float64 inputs)."""
+    B, Hq, S, D = q.shape
+    with torch.no_grad():
+        indices = route_in_chunks(q, k, block_size, top_k)
+    table = BlockTable.build(torch.arange(B + 1, device=q.device) * S, S, block_size)
+    routed = _global_routed(indices, table.first)
+    routed = routed.transpose(1, 2).reshape(B * S, Hq, routed.shape[-1])  # [T, Hq, R]
+    pack = lambda x: x.transpose(1, 2).reshape(B * S, x.shape[1], D)  # noqa: E731  [B,H,S,D] -> [T,H,D]
+    o, lse = attend(pack(q), pack(k), pack(v), table, routed, scale)
+    return o.view(B, S, Hq, D).transpose(1, 2).contiguous(), lse.view(Hq, B, S).transpose(0, 1).contiguous()
+
+
+def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int, top_k: int, scale: float):
+    """Efficient MoBA on packed sequences. q: [T, Hq, D], k, v: [T, Hkv, D], cu_seqlens [n+1]
+    -> o [T, Hq, D], lse [Hq, T].
+
+    The router pads the sequences to a [n, H, longest, D] grid (routing.py works on that layout; a
+    padded position's gates are never read); attention runs on the packed tokens.
+    """
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    longest = int(lengths.max()) if len(lengths) else 0
+    table = BlockTable.build(cu, longest, block_size)
+    position = torch.arange(longest, device=q.device)
+    real = position < lengths[:, None]  # [n, longest]
+    grid = torch.where(real, cu[:-1, None] + position, 0)  # token of each grid cell (0 where padding)
+    with torch.no_grad():
+        padded = lambda x: x.detach()[grid].transpose(1, 2)  # noqa: E731  [T,H,D] -> [n,H,longest,D]
+        indices = route_in_chunks(padded(q), padded(k), block_size, top_k) if q.shape[0] else None
+    if indices is None:  # no token at all
+        routed = torch.empty(0, q.shape[1], 0, dtype=torch.int64, device=q.device)
+    else:
+        routed = _global_routed(indices, table.first).transpose(1, 2)[real]  # [T, Hq, R]
+    return attend(q, k, v, table, routed, scale)
