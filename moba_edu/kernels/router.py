@@ -1,0 +1,314 @@
+"""The MoBA router in Triton, and the schedule the forward and backward kernels share.
+
+Semantics are routing.py's (DESIGN.md §1): block means in float32 over real tokens, gates
+q_t . mean_k(j) as float32 dot products (`tl.dot(..., input_precision="ieee")`, never TF32), block j
+eligible for query t only if j < t // block_size, the own block always attended and not counted among
+the `top_k - 1` routed ones, query head h reading key head h // g, blocks restarting at every sequence.
+
+Data structures (the backward, kernels/moba_bwd.py, reads these; keep them stable)
+==================================================================================
+Tokens. Every input is seen as T packed tokens without copying it: a batch [B, H, S, D] is B sequences
+of S tokens, token t = b * S + s; a packed [T, H, D] is used as given (flash-attn's cu_seqlens). A
+kernel finds row (t, h) of a tensor at `row_offset(t, h, L, stride_b, stride_s, stride_h)`
+= (t // L) * stride_b + (t % L) * stride_s + h * stride_h, with L = S for a batch and L = T (and
+stride_b unused) for packed input (`Layout.L`, `strides`).
+
+Layout (host tables, built once per shape and cached; `layout(lengths, block_size, device)`):
+  blocks  int32 [NB, 2]  per global key block (numbered in token order over all sequences):
+                         (first token, length); only a sequence's last block may be short.
+  tiles   int32 [NT, 4]  per query tile: (first token, position in its sequence, rows, global id of
+                         its sequence's block 0). A tile holds QT = `query_tile()` consecutive queries
+                         and never crosses a block boundary, so all its rows share one own block,
+                         `own = pos // block_size`, and the same eligible blocks j < own.
+Routing (`route`):
+  routed  int32 [Hq, T, R]  R = min(top_k - 1, max blocks per sequence - 1) routed blocks per query,
+                         as block indices *within the query's sequence*, by descending gate, -1 where
+                         fewer blocks were eligible (== routing.route(...).indices[..., 1:]).
+Schedule (`schedule`), block-major: for every (query chunk c, global key block b, query head h) a
+bucket `(c * NB + b) * Hq + h` lists the routed pairs (query t chose block b at rank r) of that head
+and chunk. The g query heads of one key/value head are adjacent buckets, so a backward program for
+(key block b, kv head hk) reads buckets [(c*NB + b)*Hq + hk*g, ... + g) for each chunk c.
+  pair_offsets int32 [n_chunks * NB * Hq + 1]  CSR offsets into pair_slot.
+  pair_slot    int32 [>= P]  the pairs, each as t * R + r (t = slot // R, r = slot % R). Order within
+                         a bucket is arbitrary (atomics): per-query results do not depend on it.
+  Chunks are ranges of `tiles_per_chunk` query tiles (contiguous tokens) so that the forward's buffer
+  of partial results stays bounded (moba_fwd.py); `schedule(..., tiles_per_chunk=NT)` gives one chunk.
+The forward also returns lse float32 [Hq, T] (natural log-sum-exp of each query's scaled scores).
+
+Kernels
+=======
+`_block_means_kernel`: one program per (key block, kv head) sums the block's keys in float32.
+`_route_kernel`: one program per (query tile, query head) streams over the eligible blocks' means
+BN at a time, computes the [QT, BN] gates with an ieee float32 dot, and keeps each row's running top-R
+in registers (values and indices [QT, RP]): a candidate is inserted only if it beats the row's current
+R-th best, so after the first few block tiles insertions are rare and the loop costs little beside the
+dot. No [S, N] gate matrix is ever written: the router reads q once and writes R int32 per query.
+`_pairs_kernel`: counts the pairs per bucket (first launch), then, after a prefix sum, scatters each
+pair to its bucket through an atomic cursor (second launch).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+
+def query_tile() -> int:
+    """Queries per tile. 64 on a GPU; 16 under the interpreter, where small tiles keep tests quick."""
+    return 16 if INTERPRET else 64
+
+
+@triton.jit
+def row_offset(t, h, L, stride_b, stride_s, stride_h):
+    """Element offset of row (token t, head h), in int64 (a million tokens x 16 heads x 128 passes 2**31)."""
+    t = t.to(tl.int64)
+    return (t // L) * stride_b + (t % L) * stride_s + h * stride_h
+
+
+def strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(stride_b, stride_s, stride_h) of a [B, H, S, D] or [T, H, D] tensor, as `row_offset` reads them."""
+    if x.dim() == 4:
+        return x.stride(0), x.stride(2), x.stride(1)
+    return 0, x.stride(0), x.stride(1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sequences, key blocks and query tiles of one input shape (see the module docstring).
+
+    T tokens; L the row divisor of `row_offset`; NB key blocks; NT query tiles of QT rows;
+    max_blocks the most blocks of any sequence; blocks / tiles the device tables;
+    tile_tokens (host, int64 [NT + 1]) the first token of each tile, then T.
+    """
+
+    T: int
+    L: int
+    block_size: int
+    QT: int
+    NB: int
+    NT: int
+    max_blocks: int
+    blocks: torch.Tensor
+    tiles: torch.Tensor
+    tile_tokens: torch.Tensor
+
+    def routed_slots(self, top_k: int) -> int:
+        """R: routed blocks kept per query (the own block is never among the eligible ones)."""
+        return max(0, min(top_k - 1, self.max_blocks - 1))
+
+
+@functools.lru_cache(maxsize=64)
+def layout(lengths: tuple, block_size: int, device: torch.device, batched: bool) -> Layout:
+    """Tables for sequences of the given lengths (a batch: all equal, batched=True)."""
+    lengths = torch.tensor(lengths, dtype=torch.int64)
+    n_seq = lengths.numel()
+    starts = torch.cumsum(lengths, 0) - lengths
+    QT = query_tile()
+    n_blocks = -(-lengths // block_size)
+    first_block = torch.cumsum(n_blocks, 0) - n_blocks
+    block_seq = torch.repeat_interleave(torch.arange(n_seq), n_blocks)
+    block_pos = (torch.arange(block_seq.numel()) - first_block[block_seq]) * block_size
+    block_token = starts[block_seq] + block_pos
+    block_len = torch.minimum(lengths[block_seq] - block_pos, torch.tensor(block_size))
+    n_tiles = -(-block_len // QT)
+    tile_block = torch.repeat_interleave(torch.arange(block_seq.numel()), n_tiles)
+    tile_k = torch.arange(tile_block.numel()) - (torch.cumsum(n_tiles, 0) - n_tiles)[tile_block]
+    tiles = torch.stack([block_token[tile_block] + tile_k * QT, block_pos[tile_block] + tile_k * QT,
+                         torch.minimum(block_len[tile_block] - tile_k * QT, torch.tensor(QT)),
+                         first_block[block_seq[tile_block]]], dim=1)
+    T = int(lengths.sum())
+    return Layout(T=T, L=(int(lengths[0]) if batched and n_seq else max(T, 1)), block_size=block_size, QT=QT,
+                  NB=block_seq.numel(), NT=tile_block.numel(), max_blocks=int(n_blocks.max()) if n_seq else 0,
+                  blocks=torch.stack([block_token, block_len], 1).to(device, torch.int32).contiguous(),
+                  tiles=tiles.to(device, torch.int32).contiguous(),
+                  tile_tokens=torch.cat([tiles[:, 0], torch.tensor([T])]))
+
+
+@triton.jit
+def _block_means_kernel(k_ptr, means_ptr, blocks_ptr, L, stride_kb, stride_ks, stride_kh, NB,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """means[hk, b, :] = float32 mean of block b's keys of kv head hk (zeros past HEAD_DIM)."""
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    token0 = tl.load(blocks_ptr + 2 * b)
+    length = tl.load(blocks_ptr + 2 * b + 1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = k_ptr + row_offset(token0, hk, L, stride_kb, stride_ks, stride_kh)
+    total = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+    for t0 in range(0, length, BLOCK_T):   # a block never crosses a sequence: rows are stride_ks apart
+        ok = ((t0 + offs_t) < length)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        total += tl.load(base + (t0 + offs_t)[:, None] * stride_ks + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(total, axis=0) / length.to(tl.float32)
+    tl.store(means_ptr + (hk * NB + b).to(tl.int64) * BLOCK_D + offs_d, mean)
+
+
+def block_means(k: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """k [B, Hkv, S, D] or [T, Hkv, D] -> means float32 [Hkv, NB, BLOCK_D] (head dim zero-padded to a
+    power of two >= 16, so that the router's loads need no mask)."""
+    Hkv, D = k.shape[-3 if k.dim() == 3 else 1], k.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    means = torch.empty(Hkv, lay.NB, block_d, dtype=torch.float32, device=k.device)
+    if lay.NB:
+        _block_means_kernel[(lay.NB, Hkv)](k, means, lay.blocks, lay.L, *strides(k), lay.NB,
+                                           HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=16 if INTERPRET else 32)
+    return means
+
+
+@triton.jit
+def _insert(gates, j0, top_v, top_i, ROUTED_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Fold a [BM, BLOCK_N] tile of gates (blocks j0 .. j0 + BLOCK_N - 1; -inf where not eligible) into
+    each row's running top list top_v / top_i [BM, ROUTED_PAD] (+inf marks slots past R, never replaced).
+
+    Each pass moves every row's best remaining candidate into the slot of its current worst entry; a
+    candidate must beat that worst entry (strictly: on a tie the earlier block stays, as a stable sort
+    would keep it). Passes stop when no row has a candidate left, at most R passes per tile and usually
+    none once a row has seen a few tiles.
+    """
+    slots = tl.arange(0, ROUTED_PAD)
+    cols = tl.arange(0, BLOCK_N)
+    worst = tl.min(top_v, axis=1)
+    cand = gates > worst[:, None]
+    while tl.max(cand.to(tl.int32)) > 0:
+        best_v, best_c = tl.max(tl.where(cand, gates, -float("inf")), axis=1, return_indices=True)
+        put = (slots[None, :] == tl.argmin(top_v, axis=1)[:, None]) & (best_v > worst)[:, None]
+        top_v = tl.where(put, best_v[:, None], top_v)
+        top_i = tl.where(put, (j0 + best_c)[:, None], top_i)
+        gates = tl.where(cols[None, :] == best_c[:, None], -float("inf"), gates)  # taken (or hopeless)
+        worst = tl.min(top_v, axis=1)
+        cand = gates > worst[:, None]
+    return top_v, top_i
+
+
+@triton.jit
+def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_qs, stride_qh,
+                  T, NB, GROUP, block_size, R,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, ROUTED_PAD: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    token0 = tl.load(tiles_ptr + 4 * tile)
+    pos0 = tl.load(tiles_ptr + 4 * tile + 1)
+    rows = tl.load(tiles_ptr + 4 * tile + 2)
+    block0 = tl.load(tiles_ptr + 4 * tile + 3)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < rows
+    t = token0 + offs_m
+    q_ptrs = q_ptr + row_offset(t, h, L, stride_qb, stride_qs, stride_qh)[:, None] + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+    own = pos0 // block_size                     # the whole tile lies in one block: blocks j < own eligible
+    slots = tl.arange(0, ROUTED_PAD)
+    top_v = tl.where(slots[None, :] < R, -float("inf"), float("inf")) + tl.zeros((BLOCK_M, ROUTED_PAD), tl.float32)
+    top_i = tl.full((BLOCK_M, ROUTED_PAD), -1, tl.int32)
+    means_base = means_ptr + ((h // GROUP) * NB + block0).to(tl.int64) * BLOCK_D
+    for j0 in range(0, own, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        means_t = tl.load(means_base + j[None, :] * BLOCK_D + offs_d[:, None], mask=(j < own)[None, :], other=0.0)
+        gates = tl.dot(q, means_t, input_precision="ieee")      # [BM, BN] float32, unscaled
+        gates = tl.where(row_ok[:, None] & (j < own)[None, :], gates, -float("inf"))
+        top_v, top_i = _insert(gates, j0, top_v, top_i, ROUTED_PAD, BLOCK_N)
+    # Emit by descending gate: R passes of "take the row's best remaining slot".
+    top_v = tl.where(slots[None, :] < R, top_v, -float("inf"))
+    out_ptrs = routed_ptr + (h * T + t).to(tl.int64) * R
+    for r in range(R):
+        best = tl.argmax(top_v, axis=1)
+        hit = slots[None, :] == best[:, None]
+        tl.store(out_ptrs + r, tl.sum(tl.where(hit, top_i, 0), axis=1), mask=row_ok)  # -1 if never filled
+        top_v = tl.where(hit, -float("inf"), top_v)
+        top_i = tl.where(hit, -1, top_i)
+
+
+def route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int) -> torch.Tensor:
+    """q [B, Hq, S, D] or [T, Hq, D], means from `block_means` -> routed int32 [Hq, T, R] (see above)."""
+    Hq, D = q.shape[-2 if q.dim() == 3 else 1], q.shape[-1]
+    R = lay.routed_slots(top_k)
+    routed = torch.empty(Hq, lay.T, R, dtype=torch.int32, device=q.device)
+    if R == 0 or lay.NT == 0:
+        return routed
+    block_d = means.shape[-1]
+    block_n = 16 if INTERPRET else 64
+    _route_kernel[(lay.NT, Hq)](q, means, routed, lay.tiles, lay.L, *strides(q), lay.T, lay.NB,
+                                Hq // means.shape[0], lay.block_size, R, HEAD_DIM=D, BLOCK_D=block_d,
+                                BLOCK_M=lay.QT, BLOCK_N=block_n, ROUTED_PAD=triton.next_power_of_2(R),
+                                **({} if INTERPRET else dict(num_warps=4, num_stages=2)))
+    return routed
+
+
+@dataclass
+class Schedule:
+    """Block-major lists of routed pairs (module docstring). `routed`, `pair_offsets`, `pair_slot` as
+    described there; R routed slots per query; chunk c covers query tiles
+    [c * tiles_per_chunk, (c + 1) * tiles_per_chunk) and tokens [chunk_tokens[c], chunk_tokens[c + 1])."""
+
+    layout: Layout
+    Hq: int
+    R: int
+    routed: torch.Tensor
+    tiles_per_chunk: int
+    n_chunks: int
+    chunk_tokens: list
+    pair_offsets: torch.Tensor
+    pair_slot: torch.Tensor
+
+    def buckets(self, chunk: int) -> tuple[int, int]:
+        """Bucket range [lo, hi) of one chunk."""
+        n = self.layout.NB * self.Hq
+        return chunk * n, (chunk + 1) * n
+
+    def tile_offsets(self, rows: int) -> torch.Tensor:
+        """int32 [n_buckets + 1]: where each bucket's tiles of `rows` pairs start in a flat tile numbering
+        (a program finds its bucket by binary search over this)."""
+        counts = self.pair_offsets[1:] - self.pair_offsets[:-1]
+        tiles = torch.cumsum((counts + rows - 1) // rows, 0, dtype=torch.int32)
+        return torch.cat([tiles.new_zeros(1), tiles])
+
+
+@triton.jit
+def _pairs_kernel(routed_ptr, tiles_ptr, counts_ptr, slot_ptr, T, NB, Hq, R, tiles_per_chunk,
+                  FILL: tl.constexpr, BLOCK_M: tl.constexpr, ROUTED_PAD: tl.constexpr):
+    """Per (query tile, head): count each routed pair into its bucket, or (FILL) scatter it there."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    token0 = tl.load(tiles_ptr + 4 * tile)
+    rows = tl.load(tiles_ptr + 4 * tile + 2)
+    block0 = tl.load(tiles_ptr + 4 * tile + 3)
+    t = token0 + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, ROUTED_PAD)
+    ok = (tl.arange(0, BLOCK_M) < rows)[:, None] & (r < R)[None, :]
+    j = tl.load(routed_ptr + ((h * T + t).to(tl.int64) * R)[:, None] + r[None, :], mask=ok, other=-1)
+    ok = j >= 0
+    bucket = ((tile // tiles_per_chunk) * NB + block0 + j) * Hq + h
+    if FILL:
+        at = tl.atomic_add(counts_ptr + bucket, 1, mask=ok, sem="relaxed")   # counts_ptr: the cursors
+        tl.store(slot_ptr + at, t[:, None] * R + r[None, :], mask=ok)
+    else:
+        tl.atomic_add(counts_ptr + bucket, 1, mask=ok, sem="relaxed")
+
+
+def schedule(routed: torch.Tensor, lay: Layout, tiles_per_chunk: int) -> Schedule:
+    """Build the block-major pair lists of `routed` int32 [Hq, T, R] (module docstring)."""
+    Hq, T, R = routed.shape
+    n_chunks = max(1, -(-lay.NT // tiles_per_chunk))
+    n_buckets = n_chunks * lay.NB * Hq
+    assert T * Hq * R < 2**31 and n_buckets < 2**31, "pair numbering is int32"
+    counts = torch.zeros(n_buckets, dtype=torch.int32, device=routed.device)
+    offsets = torch.zeros(n_buckets + 1, dtype=torch.int32, device=routed.device)
+    pair_slot = torch.empty(T * Hq * R, dtype=torch.int32, device=routed.device)
+    if R and lay.NT:
+        args = (routed, lay.tiles)
+        common = dict(BLOCK_M=lay.QT, ROUTED_PAD=triton.next_power_of_2(R))
+        _pairs_kernel[(lay.NT, Hq)](*args, counts, pair_slot, T, lay.NB, Hq, R, tiles_per_chunk, FILL=False, **common)
+        torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
+        cursor = offsets[:-1].clone()
+        _pairs_kernel[(lay.NT, Hq)](*args, cursor, pair_slot, T, lay.NB, Hq, R, tiles_per_chunk, FILL=True, **common)
+    chunk_tiles = [min(c * tiles_per_chunk, lay.NT) for c in range(n_chunks + 1)]
+    return Schedule(layout=lay, Hq=Hq, R=R, routed=routed, tiles_per_chunk=tiles_per_chunk, n_chunks=n_chunks,
+                    chunk_tokens=[int(lay.tile_tokens[i]) for i in chunk_tiles],
+                    pair_offsets=offsets, pair_slot=pair_slot)
