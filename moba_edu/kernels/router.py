@@ -152,7 +152,7 @@ def _block_means_kernel(k_ptr, means_ptr, blocks_ptr, L, stride_kb, stride_ks, s
 def block_means(k: torch.Tensor, lay: Layout) -> torch.Tensor:
     """k [B, Hkv, S, D] or [T, Hkv, D] -> means float32 [Hkv, NB, BLOCK_D] (head dim zero-padded to a
     power of two >= 16, so that the router's loads need no mask)."""
-    Hkv, D = k.shape[-3 if k.dim() == 3 else 1], k.shape[-1]
+    Hkv, D = k.shape[1], k.shape[-1]     # the head axis is axis 1 in both layouts
     block_d = max(16, triton.next_power_of_2(D))
     means = torch.empty(Hkv, lay.NB, block_d, dtype=torch.float32, device=k.device)
     if lay.NB:
@@ -227,7 +227,7 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_
 
 def route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int) -> torch.Tensor:
     """q [B, Hq, S, D] or [T, Hq, D], means from `block_means` -> routed int32 [Hq, T, R] (see above)."""
-    Hq, D = q.shape[-2 if q.dim() == 3 else 1], q.shape[-1]
+    Hq, D = q.shape[1], q.shape[-1]
     R = lay.routed_slots(top_k)
     routed = torch.empty(Hq, lay.T, R, dtype=torch.int32, device=q.device)
     if R == 0 or lay.NT == 0:
