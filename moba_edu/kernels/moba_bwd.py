@@ -1,0 +1,329 @@
+"""The MoBA backward in Triton: dQ, dK and dV from the forward's saved log-sum-exp (notebook 07).
+
+The math is FlashAttention-2's backward (Dao, 2023) restricted to the keys each query attended. With
+the scaled scores s_tj = scale * q_t . k_j, the probabilities recomputed from the saved log-sum-exp
+P_tj = exp(s_tj - lse_t) (never stored), and the row term Delta_t = dO_t . O_t:
+
+    dV_j += P_tj dO_t            dP_tj = dO_t . V_j            dS_tj = P_tj (dP_tj - Delta_t)
+    dK_j += scale dS_tj q_t      dQ_t  += scale dS_tj K_j
+
+Delta_t equals sum_j P_tj dP_tj because O_t = sum_j P_tj V_j: the softmax Jacobian's row term, once per
+query instead of once per key tile. The routing is not differentiated (top-k is piecewise constant):
+the chosen set is a constant of the backward pass, exactly as in the reference.
+
+Kernels, in launch order (router.py's token numbering, `Layout` and block-major `Schedule`):
+1. `_delta_kernel`: Delta = rowsum(dO * O), float32 [Hq, T].
+2. `_dkdv_kernel`, block-major: one program per (key tile, kv head) holds its tile's K and V and float32
+   dK, dV accumulators in registers and walks every query that attended the tile: the own-block queries
+   at or after the tile (contiguous, causal mask), then the routed queries gathered from the schedule's
+   buckets, for each of the g query heads of the kv head (grouped-query attention: dK and dV sum over
+   the group with no atomics, since one program owns the tile). dK and dV are written once. The routed
+   queries' dQ terms dS K go into a float32 accumulator by atomic adds, as FlashAttention-2 does.
+3. `_dq_kernel`, query-major inside the own block: one program per (query tile, query head) walks its
+   block's keys up to the diagonal, adds the routed terms, scales and writes dQ in the input dtype.
+
+Deterministic mode (`torch.are_deterministic_algorithms_enabled()`). Atomic float adds land in arrival
+order, so results vary in the last bits; and the schedule's buckets are filled in arrival order too.
+So: the buckets are sorted (`sorted_pairs`), `_dkdv_kernel` skips dQ, `_dq_routed_kernel` (one program
+per (key block, query head) walking its bucket, all the block's keys per query tile) writes each
+(query, head, routed slot) term to its own float32 row, and `_dq_kernel` adds the R slots in order.
+That costs a second pass over the routed scores and a float32 buffer of Hq * tokens * R * D, bounded by
+doing the query tiles in chunks (the forward's `tiles_per_chunk`).
+
+Shapes: q, o, do [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; lse float32 [Hq, T].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+from .moba_fwd import tiles_per_chunk
+from .router import Layout, Schedule, row_offset, schedule, strides
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
+LOG2E_K = tl.constexpr(LOG2E)
+
+
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, L, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+                  T, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in float32; grid (cdiv(T, BLOCK_T), Hq)."""
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (t < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(o_ptr + row_offset(t, h, L, stride_ob, stride_os, stride_oh)[:, None] + offs_d[None, :], mask=ok,
+                other=0.0)
+    do = tl.load(do_ptr + row_offset(t, h, L, stride_db, stride_ds, stride_dh)[:, None] + offs_d[None, :], mask=ok,
+                 other=0.0)
+    tl.store(delta_ptr + h.to(tl.int64) * T + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=t < T)
+
+
+@triton.jit
+def _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L, stride_qb, stride_qs, stride_qh,
+                stride_db, stride_ds, stride_dh, T, HEAD_DIM: tl.constexpr):
+    """Load what a query tile brings to the backward: q, dO [M, BLOCK_D] rows of tokens t (head h),
+    lse * log2(e) and Delta [M] (zeros on masked rows)."""
+    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + row_offset(t, h, L, stride_qb, stride_qs, stride_qh)[:, None] + offs_d[None, :], mask=ok,
+                other=0.0)
+    do = tl.load(do_ptr + row_offset(t, h, L, stride_db, stride_ds, stride_dh)[:, None] + offs_d[None, :], mask=ok,
+                 other=0.0)
+    row = h.to(tl.int64) * T + t
+    lse2 = tl.load(lse_ptr + row, mask=row_ok, other=0.0) * LOG2E_K
+    delta = tl.load(delta_ptr + row, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _tile_scores(q, do, lse2, delta, k, v, visible, qk_scale):
+    """Recompute one [M, N] tile: P = exp(scale q.k - lse) and dS = P (dO . v - Delta), float32.
+
+    visible bool [M, N] is False on padding rows, keys past the block and causally hidden keys; P and
+    dS are 0 there, so a row with nothing visible adds nothing (never NaN: exp2 overflows only to inf,
+    which `where` discards)."""
+    s = tl.dot(q, tl.trans(k))
+    p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible, qk_scale):
+    """Fold a query tile into a key tile's dK, dV (unscaled dK); also returns dS for the dQ terms.
+    P and dS are rounded to the input dtype for the tensor cores, as FlashAttention-2 does."""
+    p, ds = _tile_scores(q, do, lse2, delta, k, v, visible, qk_scale)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+    return dk, dv, ds
+
+
+@triton.jit
+def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
+                 blocks_ptr, pair_offsets, pair_slot, L,
+                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs,
+                 stride_dvh, T, Hq, NB, GROUP, R, n_chunks, scale, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TILES_PER_BLOCK: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dK, dV of one key tile, and by atomics the routed queries' dQ terms; grid (NB * TILES_PER_BLOCK, Hkv)."""
+    b = tl.program_id(0) // TILES_PER_BLOCK
+    hk = tl.program_id(1)
+    token0 = tl.load(blocks_ptr + 2 * b)
+    block_end = token0 + tl.load(blocks_ptr + 2 * b + 1)
+    n0 = token0 + (tl.program_id(0) % TILES_PER_BLOCK) * BLOCK_N
+    if n0 < block_end:                                         # key tiles past a short block do nothing
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < block_end
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        kv_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k_rows = row_offset(keys, hk, L, stride_kb, stride_ks, stride_kh)
+        v_rows = row_offset(keys, hk, L, stride_vb, stride_vs, stride_vh)
+        k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for j in range(GROUP):                                 # the g query heads that read this kv head
+            h = hk * GROUP + j
+            # Own block: queries n0 .. block_end - 1 see the tile's keys up to themselves.
+            for m0 in range(n0, block_end, BLOCK_M):
+                t = m0 + offs_m
+                row_ok = t < block_end
+                q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L,
+                                                 stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
+                                                 T, HEAD_DIM)
+                visible = row_ok[:, None] & key_ok[None, :] & (t[:, None] >= keys[None, :])
+                dk, dv, ds = _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible, qk_scale)
+            # Routed: the queries of head h that chose block b, from the bucket of each chunk. A routed
+            # block lies wholly before its queries' own block: no causal mask.
+            for c in range(n_chunks):
+                bucket = (c * NB + b) * Hq + h
+                lo = tl.load(pair_offsets + bucket)
+                hi = tl.load(pair_offsets + bucket + 1)
+                for m0 in range(lo, hi, BLOCK_M):
+                    row_ok = m0 + offs_m < hi
+                    t = tl.load(pair_slot + m0 + offs_m, mask=row_ok, other=0) // R
+                    q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L,
+                                                     stride_qb, stride_qs, stride_qh, stride_db, stride_ds,
+                                                     stride_dh, T, HEAD_DIM)
+                    visible = row_ok[:, None] & key_ok[None, :]
+                    dk, dv, ds = _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible, qk_scale)
+                    if ATOMIC_DQ:                              # dq_acc[h, t] += dS K (unscaled, float32)
+                        dq = tl.dot(ds.to(k.dtype), k)
+                        acc_rows = (h.to(tl.int64) * T + t) * BLOCK_D
+                        tl.atomic_add(dq_acc_ptr + acc_rows[:, None] + offs_d[None, :], dq, mask=row_ok[:, None],
+                                      sem="relaxed")
+        dk_rows = row_offset(keys, hk, L, stride_dkb, stride_dks, stride_dkh)
+        dv_rows = row_offset(keys, hk, L, stride_dvb, stride_dvs, stride_dvh)
+        tl.store(dk_ptr + dk_rows[:, None] + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
+        tl.store(dv_ptr + dv_rows[:, None] + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _dq_routed_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, part_ptr, blocks_ptr, pair_offsets,
+                      pair_slot, L, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                      stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
+                      T, Hq, NB, GROUP, R, chunk, chunk_token0, chunk_len, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Deterministic routed dQ of one chunk: part[h, t - chunk_token0, r] = sum over block b's keys of
+    dS K for every pair (t, r) of bucket (chunk, b, h); grid (NB, Hq)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    token0 = tl.load(blocks_ptr + 2 * b)
+    block_end = token0 + tl.load(blocks_ptr + 2 * b + 1)
+    bucket = (chunk * NB + b) * Hq + h
+    lo = tl.load(pair_offsets + bucket)
+    hi = tl.load(pair_offsets + bucket + 1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for m0 in range(lo, hi, BLOCK_M):
+        row_ok = m0 + offs_m < hi
+        pair = tl.load(pair_slot + m0 + offs_m, mask=row_ok, other=0)
+        t = pair // R
+        q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L,
+                                         stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
+                                         T, HEAD_DIM)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for n0 in range(token0, block_end, BLOCK_N):
+            keys = n0 + offs_n
+            key_ok = keys < block_end
+            kv_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            k = tl.load(k_ptr + row_offset(keys, hk, L, stride_kb, stride_ks, stride_kh)[:, None] + offs_d[None, :],
+                        mask=kv_ok, other=0.0)
+            v = tl.load(v_ptr + row_offset(keys, hk, L, stride_vb, stride_vs, stride_vh)[:, None] + offs_d[None, :],
+                        mask=kv_ok, other=0.0)
+            p, ds = _tile_scores(q, do, lse2, delta, k, v, row_ok[:, None] & key_ok[None, :], qk_scale)
+            acc = tl.dot(ds.to(k.dtype), k, acc)
+        part = ((h * chunk_len + t - chunk_token0).to(tl.int64) * R + pair % R) * BLOCK_D
+        tl.store(part_ptr + part[:, None] + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, routed_dq_ptr, tiles_ptr, L,
+               stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+               stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh,
+               T, GROUP, tile0, chunk_token0, chunk_len, block_size, scale, qk_scale,
+               SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """dQ of one query tile (router.py's tiles): own block up to the diagonal, plus the routed terms
+    routed_dq [Hq, chunk_len, SLOTS, BLOCK_D] float32 (SLOTS = 1: the atomic accumulator; else the R
+    slots, summed in order); grid (tiles of the chunk, Hq)."""
+    tile = tile0 + tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    token0 = tl.load(tiles_ptr + 4 * tile)
+    pos0 = tl.load(tiles_ptr + 4 * tile + 1)
+    rows = tl.load(tiles_ptr + 4 * tile + 2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < rows
+    t = token0 + offs_m
+    q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L,
+                                     stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh, T, HEAD_DIM)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    block_token0 = token0 - pos0 % block_size                 # the own block's first key
+    for n0 in range(block_token0, token0 + rows, BLOCK_N):   # keys up to the tile's last row
+        keys = n0 + offs_n
+        kv_ok = (keys < token0 + rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + row_offset(keys, hk, L, stride_kb, stride_ks, stride_kh)[:, None] + offs_d[None, :],
+                    mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + row_offset(keys, hk, L, stride_vb, stride_vs, stride_vh)[:, None] + offs_d[None, :],
+                    mask=kv_ok, other=0.0)
+        visible = row_ok[:, None] & (t[:, None] >= keys[None, :])   # causal; also hides keys past the tile
+        p, ds = _tile_scores(q, do, lse2, delta, k, v, visible, qk_scale)
+        acc = tl.dot(ds.to(k.dtype), k, acc)
+    part = (h * chunk_len + t - chunk_token0).to(tl.int64) * SLOTS
+    for r in range(SLOTS):                                    # fixed order: deterministic
+        acc += tl.load(routed_dq_ptr + ((part + r) * BLOCK_D)[:, None] + offs_d[None, :], mask=row_ok[:, None],
+                       other=0.0)
+    dq_rows = row_offset(t, h, L, stride_dqb, stride_dqs, stride_dqh)
+    tl.store(dq_ptr + dq_rows[:, None] + offs_d[None, :], (acc * scale).to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+def launch_config(head_dim: int) -> dict:
+    """Tiles and warps. Under the interpreter the smallest tiles tl.dot takes. On a GPU a key tile of
+    BLOCK_N keys keeps float32 dK and dV [BLOCK_N, D] in registers while query tiles of BLOCK_M stream
+    past (FlashAttention-2's backward shape); the dQ kernel's query tile is the router's."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def sorted_pairs(sched: Schedule) -> torch.Tensor:
+    """The schedule's pair_slot with every bucket sorted (buckets are filled in atomic arrival order;
+    a sum over a bucket must see one order for bitwise-reproducible dK, dV). Shapes stay static."""
+    offsets, slots = sched.pair_offsets, sched.pair_slot
+    position = torch.arange(slots.numel(), device=slots.device, dtype=torch.int32)
+    bucket = torch.searchsorted(offsets[1:], position, right=True).to(torch.int64)  # past the last pair: n_buckets
+    span = sched.layout.T * max(sched.R, 1)
+    keys = bucket * span + torch.where(bucket < offsets.numel() - 1, slots, 0).to(torch.int64)
+    return (keys.sort().values % span).to(torch.int32)         # keys are unique: any sort gives one order
+
+
+def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, routed: torch.Tensor, lay: Layout, scale: float,
+                  deterministic: bool | None = None, partial_budget: int | None = None):
+    """Gradients of MoBA given the forward's o, lse [Hq, T] and routing `routed` int32 [Hq, T, R].
+
+    do, q, o [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; lay: router.layout(...) of the input.
+    Returns dq, dk, dv (each in its input's layout and dtype). `deterministic` defaults to
+    torch.are_deterministic_algorithms_enabled(); `partial_budget` bounds its float32 partial buffer
+    (bytes; default twice the size of q).
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    Hq, D = q.shape[1], q.shape[-1]
+    Hkv = k.shape[1]
+    R = routed.shape[-1]
+    dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    if lay.T == 0:
+        return dq, dk, dv
+    block_d = max(16, triton.next_power_of_2(D))
+    cfg = launch_config(D)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    warps = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
+    dims = dict(HEAD_DIM=D, BLOCK_D=block_d)
+    atomic = not deterministic
+    if atomic:
+        sched = schedule(routed, lay, lay.NT)                  # one chunk: the accumulator holds every query
+        pair_slot = sched.pair_slot
+    else:
+        budget = partial_budget if partial_budget is not None else max(2 * q.numel() * q.element_size(), 2**26)
+        sched = schedule(routed, lay, tiles_per_chunk(lay, Hq, R, block_d, 4, budget))
+        pair_slot = sorted_pairs(sched)
+    delta = torch.empty(Hq, lay.T, dtype=torch.float32, device=q.device)
+    _delta_kernel[(triton.cdiv(lay.T, 64), Hq)](o, do, delta, lay.L, *strides(o), *strides(do), lay.T,
+                                                BLOCK_T=64, **dims)
+    common = (lay.L, *strides(q), *strides(k), *strides(v), *strides(do))
+    dq_acc = torch.zeros(Hq, lay.T, 1, block_d, dtype=torch.float32, device=q.device) if atomic else delta
+    tiles_per_block = triton.cdiv(lay.block_size, BN)
+    _dkdv_kernel[(lay.NB * tiles_per_block, Hkv)](
+        q, k, v, do, lse, delta, dk, dv, dq_acc, lay.blocks, sched.pair_offsets, pair_slot, *common,
+        *strides(dk), *strides(dv), lay.T, Hq, lay.NB, Hq // Hkv, max(R, 1), sched.n_chunks if R else 0,
+        scale, scale * LOG2E, BLOCK_M=BM, BLOCK_N=BN, TILES_PER_BLOCK=tiles_per_block, ATOMIC_DQ=atomic,
+        **dims, **warps)
+    for c in range(1 if atomic else sched.n_chunks):
+        token0, token1 = (0, lay.T) if atomic else sched.chunk_tokens[c:c + 2]
+        tile0, tile1 = (0, lay.NT) if atomic else (c * sched.tiles_per_chunk,
+                                                   min(lay.NT, (c + 1) * sched.tiles_per_chunk))
+        routed_dq = dq_acc
+        if not atomic:
+            routed_dq = torch.zeros(Hq, token1 - token0, max(R, 1), block_d, dtype=torch.float32, device=q.device)
+            if R:
+                _dq_routed_kernel[(lay.NB, Hq)](
+                    q, k, v, do, lse, delta, routed_dq, lay.blocks, sched.pair_offsets, pair_slot, *common,
+                    lay.T, Hq, lay.NB, Hq // Hkv, R, c, token0, token1 - token0, scale * LOG2E,
+                    BLOCK_M=BM, BLOCK_N=BN, **dims, **warps)
+        _dq_kernel[(tile1 - tile0, Hq)](
+            q, k, v, do, lse, delta, dq, routed_dq, lay.tiles, *common, *strides(dq),
+            lay.T, Hq // Hkv, tile0, token0, token1 - token0, lay.block_size, scale, scale * LOG2E,
+            SLOTS=routed_dq.shape[2], BLOCK_M=lay.QT, BLOCK_N=BN, **dims, **warps)
+    return dq, dk, dv
