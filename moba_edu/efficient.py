@@ -112,11 +112,16 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
     mask: bool broadcastable to [..., M, W], True where the key is attended; each row needs one.
     """
-    scores = (q @ k.transpose(-1, -2)) * scale
+    # One [..., M, W] tensor at a time: scale the small q, then turn the scores into unnormalised
+    # probabilities in place. Subtracting the row max m keeps exp from overflowing; it is detached
+    # because the result does not depend on it (and autograd must not see it change in place).
+    scores = (q * scale) @ k.transpose(-1, -2)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = scores.logsumexp(dim=-1)
-    return torch.exp(scores - lse[..., None]) @ v, lse
+        scores.masked_fill_(~mask, float("-inf"))
+    m = scores.detach().amax(dim=-1, keepdim=True)
+    p = scores.sub_(m).exp_()  # exp(s - m), 0 where masked
+    denom = p.sum(dim=-1, keepdim=True)
+    return (p @ v) / denom, (m + denom.log()).squeeze(-1)
 
 
 def merge_partials(o: torch.Tensor, lse: torch.Tensor):
@@ -189,6 +194,8 @@ def attend(q, k, v, table: BlockTable, routed: torch.Tensor, scale: float):
     """MoBA on packed tokens given the routing: q [T, Hq, D], k, v [T, Hkv, D], routed [T, Hq, R]
     -> o [T, Hq, D] in q's dtype, lse [Hq, T] float32 (float64 for float64 inputs)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if q.shape[0] == 0:  # no token: nothing to attend (and no block to reduce over)
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[1], 0, dtype=compute)
     qc, kc, vc = (x.to(compute) for x in (q, k, v))
     o_own, lse_own = own_block_attention(qc, kc, vc, table, scale)
     o_routed, lse_routed = routed_attention(qc, kc, vc, table, routed, scale)
