@@ -1,0 +1,126 @@
+"""How good is the router? Attention mass captured by the chosen blocks, against an oracle.
+
+Full causal attention gives each query t a probability for every key; summing them per key block gives
+the block's attention mass. The router picks `top_k` blocks (its own plus `top_k - 1` by gate) and
+keeps only their mass. The oracle may look at the true attention: it keeps the own block (MoBA always
+attends it) plus the `top_k - 1` earlier blocks with the most mass, the best any router could do with
+the same number of blocks. Recall = router mass / oracle mass, 1 when the router chose as well as the
+oracle. Both reach 1 when `top_k` covers every block.
+
+Shapes: q [B, Hq, S, D], k [B, Hkv, S, D], probs [B, Hq, S, S], mass [..., S, N].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import torch
+
+from ..routing import Routing, eligible, indices_to_mask, num_blocks, own_block, route, select_blocks
+from .maps import STATE_COLORS, block_axis, block_states, state_legend
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Full causal softmax attention weights, float32 [B, Hq, S, S] (row t: query t over keys)."""
+    S, D = q.shape[-2:]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # query head h reads key head h // g
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+def block_mass(probs: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Attention mass per key block: probs [..., S, S] -> [..., S, N], summed over the block's keys."""
+    S = probs.shape[-1]
+    mass = probs.new_zeros(*probs.shape[:-1], num_blocks(S, block_size))
+    return mass.index_add_(-1, own_block(S, block_size, probs.device), probs)  # key s lands in s // block_size
+
+
+def oracle_order(mass: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
+    """The oracle's blocks: the router's own `select_blocks` with the true block mass in place of the
+    gates. mass [..., S, N] -> int64 [..., S, min(top_k, N)], own block first, then by mass, then -1."""
+    S = mass.shape[-2]
+    gates = mass.masked_fill(~eligible(S, block_size, mass.device), float("-inf"))
+    return select_blocks(gates, block_size, top_k)
+
+
+def oracle_mass(mass: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
+    """Best mass any MoBA router could keep: own block + the top_k - 1 richest eligible blocks.
+
+    mass: [..., S, N] -> [..., S].
+    """
+    return routed_mass(mass, indices_to_mask(oracle_order(mass, block_size, top_k), mass.shape[-1]))
+
+
+def routed_mass(mass: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
+    """Mass kept by a choice of blocks: mass [..., S, N], bool block mask [..., S, N] -> [..., S]."""
+    return (mass * block_mask).sum(-1)
+
+
+@dataclass
+class RecallCurve:
+    """Mean over queries (and heads) of the attention mass kept, for top_k = 1 .. N.
+
+    top_k: [N]; router, oracle: [N], mass kept in [0, 1]; recall: [N], mean of router / oracle per query.
+    """
+
+    top_k: list[int]
+    router: list[float]
+    oracle: list[float]
+    recall: list[float]
+
+
+def _kept_by_top_k(mass: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Mass kept by the first 1, 2, ... blocks of `order` (-1 = none): [..., S, N] each."""
+    return mass.gather(-1, order.clamp_min(0)).masked_fill(order < 0, 0.0).cumsum(-1)
+
+
+def recall_curve(q: torch.Tensor, k: torch.Tensor, block_size: int, queries=slice(None)) -> RecallCurve:
+    """Router vs oracle mass for every top_k at once, averaged over `queries` (positions; default all).
+
+    Both orders put the own block first and then the blocks best first, so the first top_k blocks of
+    the order for top_k = N are the choice for top_k."""
+    N = num_blocks(q.shape[-2], block_size)
+    mass = block_mass(attention_probs(q, k), block_size)
+    router = _kept_by_top_k(mass, route(q, k, block_size=block_size, top_k=N).indices)
+    oracle = _kept_by_top_k(mass, oracle_order(mass, block_size, N))
+    mean = lambda x: x[:, :, queries].mean((0, 1, 2)).tolist()  # noqa: E731  over batch, heads and queries
+    return RecallCurve(top_k=list(range(1, N + 1)), router=mean(router), oracle=mean(oracle),
+                       recall=mean(router / oracle))
+
+
+def plot_recall(curves: dict[str, RecallCurve], *, top_k: int | None = None, ax=None):
+    """Mass kept vs top_k: router (solid) and oracle (dashed), one colour per curve name. Returns the Axes."""
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    for (name, curve), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        ax.plot(curve.top_k, curve.router, color=color, marker="o", ms=4, label=f"{name}: router")
+        ax.plot(curve.top_k, curve.oracle, color=color, ls="--", lw=1, label=f"{name}: oracle")
+    if top_k is not None:
+        ax.axvline(top_k, color="0.5", lw=1, ls=":", gid="top_k")
+    block_axis(ax.xaxis)
+    ax.set(xlabel="top_k (blocks per query, own block included)", ylabel="attention mass kept",
+           ylim=(0, 1.02), title="attention mass kept (mean over queries)")
+    ax.legend(fontsize=7, loc="lower right")
+    return ax
+
+
+def plot_query_mass(routing: Routing, mass: torch.Tensor, block_size: int, head: int, query: int,
+                    top_k: int, *, ax=None, legend: bool = True):
+    """One query's true attention mass per key block (mass [1, Hq, S, N]), bars coloured by what the
+    router did, stars on the oracle's choice of the same number of blocks. Returns the Axes."""
+    ax = ax or plt.subplots(figsize=(5, 3))[1]
+    row = mass[0, head, query]
+    states = block_states(routing, block_size, head)[query]
+    ax.bar(range(len(row)), row.numpy(), color=[STATE_COLORS[s] for s in states], edgecolor="0.3", linewidth=0.6)
+    best = oracle_order(mass[0, head], block_size, top_k)[query]
+    best = best[best >= 0]
+    star = ax.plot(best, row[best] + 0.04, "k*", ms=8, label="oracle's choice")
+    kept = routed_mass(row, routing.mask[0, head, query])
+    ax.set(xlabel="key block j", ylabel="attention mass of block j", ylim=(0, 1.1),
+           title=f"query t={query}: router keeps {kept:.2f}, oracle {row[best].sum():.2f}")
+    block_axis(ax.xaxis)
+    if legend:
+        state_legend(ax, extra=star, loc="best", fontsize=8, framealpha=0.9)
+    return ax
