@@ -98,6 +98,14 @@ ACCEPTED = [
 ]
 
 
+@pytest.mark.parametrize("check", sorted({check for check, _ in ACCEPTED}, key=lambda c: c.__qualname__))
+def test_check_lets_an_unanswered_exercise_say_so(check):
+    def unanswered(*args):
+        raise NotImplementedError()  # what nbgrader leaves in the student version
+    with pytest.raises(NotImplementedError):
+        check(unanswered)
+
+
 @pytest.mark.parametrize("check, fn", ACCEPTED)
 def test_check_accepts_the_right_answer(check, fn, capsys):
     check(fn)
