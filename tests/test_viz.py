@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import moba_edu as me  # noqa: E402
 from moba_edu import viz  # noqa: E402
+from moba_edu.checks import Mistake, nb03  # noqa: E402
 from moba_edu.viz import gallery, maps  # noqa: E402
 from reference import reference_routing_mask  # noqa: E402
 from strategies import cases  # noqa: E402
@@ -222,3 +223,41 @@ def test_explorer_update_takes_well_under_a_second(control, values):
         ex.controls[control].value = value
         times.append(time.perf_counter() - start)
     assert min(times) < 1.0, f"updating {control} took {min(times):.3g} s at best ({times})"
+
+
+def needle_blocks_right(key, query, block_size, top_k):
+    return {query // block_size} if top_k == 1 else {query // block_size, key // block_size}
+
+
+@pytest.mark.parametrize("answer,mistake", [
+    (lambda k, q, b, t: {k // b}, "own block is missing"),
+    (lambda k, q, b, t: {q // b, k // b}, "top_k counts the own block"),
+    (lambda k, q, b, t: {(s + 1) // b for s in (q, k)[:t]}, "not (s + 1) // block_size"),
+    (lambda k, q, b, t: {-(-s // b) for s in (q, k)[:t]}, "ceil"),
+    (lambda k, q, b, t: None, "is there a return"),
+])
+def test_nb03_needle_check_names_the_mistake(answer, mistake, capsys):
+    nb03.check_needle_blocks(needle_blocks_right)
+    assert capsys.readouterr().out.startswith("✓")
+    with pytest.raises(Mistake, match=re.escape(mistake)):
+        nb03.check_needle_blocks(answer)
+
+
+def past_mass(mass, block_size):
+    """mass [S, N] with the blocks after each query's own block zeroed (the own block kept)."""
+    S, N = mass.shape
+    return mass.masked_fill(torch.arange(N)[None, :] > (torch.arange(S) // block_size)[:, None], 0.0)
+
+
+@pytest.mark.parametrize("answer,mistake", [
+    (lambda m, b, t: past_mass(m, b).topk(min(t, m.shape[1]), -1).values.sum(-1), "not forced"),
+    (lambda m, b, t: viz.oracle_mass(m, b, t + 1), "top_k counts the own block"),
+    (lambda m, b, t: m[torch.arange(m.shape[0]), torch.arange(m.shape[0]) // b]
+     + past_mass(m, b).topk(min(t - 1, m.shape[1]), -1).values.sum(-1), "treated as eligible"),
+    (lambda m, b, t: m.sum(-1), "wrong kept mass"),
+])
+def test_nb03_oracle_check_names_the_mistake(answer, mistake, capsys):
+    nb03.check_oracle_mass(viz.oracle_mass)
+    assert capsys.readouterr().out.startswith("✓")
+    with pytest.raises(Mistake, match=mistake):
+        nb03.check_oracle_mass(answer)
