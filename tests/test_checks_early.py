@@ -1,6 +1,9 @@
-"""The exercise checks of notebooks 00-02 accept the right answer and name each planted mistake."""
+"""Notebooks 00-02's helpers: the exercise checks accept the right answer and name each planted
+mistake; the environment report imports nothing heavy."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -170,3 +173,12 @@ MISTAKES = [
 def test_check_names_the_mistake(check, fn, named):
     with pytest.raises(Mistake, match=named.replace("(", r"\(").replace(".", r"\.")):
         check(fn)
+
+
+def test_environment_report_imports_neither_triton_nor_views():
+    # importing triton here would fix its mode before moba_edu.kernels sets TRITON_INTERPRET
+    code = ("import sys, torch; from moba_edu.environment import describe; report = describe(); "
+            "assert 'torch ' + torch.__version__ in report, report; "
+            "print(sorted({'triton', 'matplotlib', 'ipywidgets'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -111,11 +111,11 @@ def check_select_blocks(fn) -> None:
         expect(not (answer & ~own & (gates == float("-inf"))).any(),
                f"selected a block with gate -inf (not eligible) for top_k={top_k}: when fewer than top_k - 1 "
                "blocks are eligible, the query attends fewer blocks")
-        as_mask = lambda indices: indices_to_mask(indices, N)  # noqa: E731
-        judge(answer, as_mask(select_blocks(gates, block_size, top_k)), {
+        smallest_first = (-gates).nan_to_num(posinf=-math.inf)  # ineligible blocks stay at -inf
+        judge(answer, indices_to_mask(select_blocks(gates, block_size, top_k), N), {
             "top_k did not count the own block: add only top_k - 1 routed blocks to it":
-                as_mask(select_blocks(gates, block_size, top_k + 1)),
+                indices_to_mask(select_blocks(gates, block_size, top_k + 1), N),
             "picked the smallest gates: keep the largest q · mean_k":
-                as_mask(select_blocks((-gates).nan_to_num(neginf=-math.inf, posinf=-math.inf), block_size, top_k)),
+                indices_to_mask(select_blocks(smallest_first, block_size, top_k), N),
         }, torch.equal, f"wrong blocks for top_k={top_k}")
     passed("top-k: the own block plus the top_k - 1 best eligible blocks")
