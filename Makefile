@@ -27,10 +27,10 @@ lab: setup
 	$(BIN)/jupyter lab --no-browser --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: setup
-	$(CPU_ENV) $(BIN)/python -m pytest -n 2 --dist loadgroup --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(CPU_ENV) $(BIN)/python -m pytest -n 2 --dist loadfile --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test-fast: setup
-	$(CPU_ENV) $(BIN)/python -m pytest -n 2 --dist loadgroup -m "not browser" tests
+	$(CPU_ENV) $(BIN)/python -m pytest -n 2 --dist loadfile -m "not browser" tests
 
 test-gpu:
 	python3 -m pytest -m gpu -p no:nbval tests
