@@ -135,18 +135,17 @@ def merge_partials(o: torch.Tensor, lse: torch.Tensor):
     return (weights[..., None] * o).sum(dim=-2), total
 
 
-def own_block_attention(q, k, v, table: BlockTable, scale: float):
+def own_block_attention(q, kb, vb, table: BlockTable, scale: float):
     """Causal attention inside each query's own block.
 
-    q: [T, Hq, D], k, v: [T, Hkv, D] -> o [T, Hq, D], lse [T, Hq]. The g query heads sharing a key/value
-    head are stacked as g * W query rows against one [W, D] key tile: [NB, Hkv, g*W, W] scores.
+    q: [T, Hq, D], kb, vb: [NB, Hkv, W, D] key/value blocks -> o [T, Hq, D], lse [T, Hq]. The g query
+    heads sharing a key/value head are stacked as g * W query rows against one [W, D] key block:
+    [NB, Hkv, g*W, W] scores.
     """
-    NB, W = table.tokens.shape
-    T, Hq, D = q.shape
-    Hkv = k.shape[1]
+    NB, Hkv, W, D = kb.shape
+    Hq = q.shape[1]
     g = Hq // Hkv
     qb = q[table.tokens].view(NB, W, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(NB, Hkv, g * W, D)
-    kb, vb = (x[table.tokens].transpose(1, 2) for x in (k, v))  # [NB, Hkv, W, D]
     causal = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()  # key slot <= query slot
     mask = (causal & table.valid[:, None, :]).repeat(1, g, 1)[:, None]  # [NB, 1, g*W, W]
     o, lse = partial_attention(qb, kb, vb, scale, mask)
@@ -155,16 +154,15 @@ def own_block_attention(q, k, v, table: BlockTable, scale: float):
     return o[table.valid], lse[table.valid]  # blocks are in token order, so this is token order
 
 
-def routed_attention(q, k, v, table: BlockTable, routed: torch.Tensor, scale: float):
+def routed_attention(q, kb, vb, routed: torch.Tensor, scale: float):
     """Attention of each query to each routed block on its own, gathered per (key block, kv head).
 
-    q: [T, Hq, D], k, v: [T, Hkv, D], routed: int64 [T, Hq, R] global block numbers (-1: none)
-    -> o [T, Hq, R, D] (0 where none), lse [T, Hq, R] (-inf where none).
+    q: [T, Hq, D], kb, vb: [NB, Hkv, W, D] key/value blocks, routed: int64 [T, Hq, R] global block
+    numbers (-1: none) -> o [T, Hq, R, D] (0 where none), lse [T, Hq, R] (-inf where none).
     """
     T, Hq, D = q.shape
     R = routed.shape[-1]
-    NB, W = table.tokens.shape
-    Hkv = k.shape[1]
+    NB, Hkv, W, _ = kb.shape
     o = q.new_zeros(T, Hq, R, D)
     lse = q.new_full((T, Hq, R), float("-inf"))
     token, head, slot = (routed >= 0).nonzero(as_tuple=True)  # one (query, head, slot) per selection
@@ -181,8 +179,8 @@ def routed_attention(q, k, v, table: BlockTable, routed: torch.Tensor, scale: fl
     tile = (tiles_per_group.cumsum(0) - tiles_per_group)[group] + rank // rows
     row = rank % rows
     tile_group = torch.repeat_interleave(torch.arange(Hkv * NB, device=q.device), tiles_per_group)
-    tile_keys = table.tokens[tile_group % NB]  # [tiles, W]: a routed block is never a short last block
-    kt, vt = (x[tile_keys, (tile_group // NB)[:, None]] for x in (k, v))  # [tiles, W, D]
+    # [tiles, W, D]: the keys of each tile's block (a routed block is never a short last block)
+    kt, vt = (x[tile_group % NB, tile_group // NB] for x in (kb, vb))
     qt = q.new_zeros(len(tile_group), rows, D).index_put((tile, row), q[token, head])
     o_tiles, lse_tiles = partial_attention(qt, kt, vt, scale)
     o = o.index_put((token, head, slot), o_tiles[tile, row])
@@ -196,9 +194,10 @@ def attend(q, k, v, table: BlockTable, routed: torch.Tensor, scale: float):
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     if q.shape[0] == 0:  # no token: nothing to attend (and no block to reduce over)
         return q.new_zeros(q.shape), q.new_zeros(q.shape[1], 0, dtype=compute)
-    qc, kc, vc = (x.to(compute) for x in (q, k, v))
-    o_own, lse_own = own_block_attention(qc, kc, vc, table, scale)
-    o_routed, lse_routed = routed_attention(qc, kc, vc, table, routed, scale)
+    qc = q.to(compute)
+    kb, vb = (x.to(compute)[table.tokens].transpose(1, 2) for x in (k, v))  # [NB, Hkv, W, D] blocks
+    o_own, lse_own = own_block_attention(qc, kb, vb, table, scale)
+    o_routed, lse_routed = routed_attention(qc, kb, vb, routed, scale)
     o, lse = merge_partials(torch.cat([o_own[:, :, None], o_routed], dim=2),
                             torch.cat([lse_own[:, :, None], lse_routed], dim=2))
     return o.to(q.dtype), lse.transpose(0, 1)
