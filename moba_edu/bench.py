@@ -253,7 +253,8 @@ def _plot_torch_vs_naive(records: list[dict], out_dir: Path) -> list[Path]:
                           fontsize=8)
     S_target, target = SPEEDUP_TARGET
     ax_speed.plot([S_target], [target], marker="*", ms=12, color="k", ls="none", label=f"target: {target:g}x at S={S_target}")
-    ax_speed.set(ylabel="speed-up of the torch rung (x)", title="speed-up on one core", ylim=(0, None))
+    ax_speed.set(ylabel="speed-up of the torch rung (x)", title="speed-up on one core",
+                 ylim=(0, 1.15 * max(speedups + [target])))
 
     for impl, color in (("naive", "C3"), ("torch", "C0")):
         ran = [r for r in runs[impl] if "extra_bytes" in r]
@@ -276,6 +277,7 @@ def _plot_torch_vs_naive(records: list[dict], out_dir: Path) -> list[Path]:
     ax_ratio.axhspan(1 / MEMORY_TOLERANCE, MEMORY_TOLERANCE, color="C2", alpha=0.12, label="within 2x")
     ax_ratio.set(ylabel="measured / predicted extra memory", yscale="log", ylim=(0.25, 4), title="memory formula check")
     ax_ratio.set_yticks([0.25, 0.5, 1, 2, 4], ["0.25", "0.5", "1", "2", "4"])
+    ax_ratio.set_yticks([], minor=True)
 
     for ax in (ax_speed, ax_mem, ax_ratio):
         ax.set_xscale("log", base=2)
