@@ -14,6 +14,7 @@ explicit impl raises it; impl="auto" falls back to the torch rung instead.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -23,6 +24,9 @@ RUNG_MODULES = {"naive": "moba_edu.naive", "torch": "moba_edu.efficient", "trito
 
 
 def _load_rung(impl: str):
+    loaded = sys.modules.get(RUNG_MODULES[impl])  # torch.compile traces a dict lookup, not import_module
+    if loaded is not None:
+        return loaded
     try:
         return importlib.import_module(RUNG_MODULES[impl])
     except ModuleNotFoundError as err:

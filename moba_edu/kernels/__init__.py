@@ -22,13 +22,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The rung (api.py's contract): moba_attention, moba_attention_varlen, unsupported, COMPLETE.
 # Submodules import triton, so they are loaded only when a kernel runs.
 
-COMPLETE = False
+COMPLETE = True
 """True once forward and backward have both landed: only then does impl="auto" pick this rung."""
 
 MAX_HEAD_DIM = 128  # one [BLOCK_M, D] float32 accumulator per program; past 128 it crowds the registers
-
-BACKWARD_MISSING = ("impl='triton': the Triton backward has not landed yet (the forward has); "
-                    "use impl='torch' to differentiate MoBA")
 
 
 def unsupported(q, k, v):
@@ -54,35 +51,11 @@ def unsupported(q, k, v):
     return None
 
 
-class _ForwardOnly(torch.autograd.Function):
-    """Runs the Triton forward; a backward call raises, rather than silently using another rung."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, run):
-        o, lse = run(q, k, v)
-        ctx.mark_non_differentiable(lse)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        raise NotImplementedError(BACKWARD_MISSING)
-
-
 def _run(q, k, v, lengths, block_size, top_k, scale):
-    """o (q's layout and dtype), lse float32 [Hq, T] by moba_fwd.moba_forward."""
-    from .moba_fwd import moba_forward
+    """o (q's layout and dtype), lse float32 [Hq, T], differentiable: op.py's operator."""
+    from .op import moba
 
-    def run(q, k, v):
-        dtype = q.dtype
-        if INTERPRET and dtype == torch.bfloat16:  # the interpreter's bf16 arithmetic is wrong (triton #11584)
-            q, k, v = q.float(), k.float(), v.float()
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        o, lse, _ = moba_forward(q.detach(), k.detach(), v.detach(), lengths, block_size, top_k, scale)
-        return o.to(dtype), lse
-
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        return _ForwardOnly.apply(q, k, v, run)
-    return run(q, k, v)
+    return moba(q, k, v, lengths, block_size, top_k, scale)
 
 
 def moba_attention(q, k, v, block_size, top_k, scale):

@@ -270,13 +270,15 @@ def sorted_pairs(sched: Schedule) -> torch.Tensor:
 
 def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, routed: torch.Tensor, lay: Layout, scale: float,
-                  deterministic: bool | None = None, partial_budget: int | None = None):
+                  deterministic: bool | None = None, partial_budget: int | None = None,
+                  dlse: torch.Tensor | None = None):
     """Gradients of MoBA given the forward's o, lse [Hq, T] and routing `routed` int32 [Hq, T, R].
 
     do, q, o [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; lay: router.layout(...) of the input.
     Returns dq, dk, dv (each in its input's layout and dtype). `deterministic` defaults to
     torch.are_deterministic_algorithms_enabled(); `partial_budget` bounds its float32 partial buffer
-    (bytes; default twice the size of q).
+    (bytes; default twice the size of q). dlse float32 [Hq, T], a gradient on lse, enters as
+    Delta - dlse (op.py's docstring says why).
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -302,6 +304,8 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = torch.empty(Hq, lay.T, dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(lay.T, 64), Hq)](o, do, delta, lay.L, *strides(o), *strides(do), lay.T,
                                                 BLOCK_T=64, **dims)
+    if dlse is not None:
+        delta -= dlse
     common = (lay.L, *strides(q), *strides(k), *strides(v), *strides(do))
     dq_acc = torch.zeros(Hq, lay.T, 1, block_d, dtype=torch.float32, device=q.device) if atomic else delta
     tiles_per_block = triton.cdiv(lay.block_size, BN)
