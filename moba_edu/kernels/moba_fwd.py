@@ -52,8 +52,8 @@ def _routed_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slo
     tile = tl.load(tile_offsets + bucket_lo) + tl.program_id(0)
     if tile >= tl.load(tile_offsets + bucket_hi):
         return
-    lo = bucket_lo          # binary search: the bucket whose tiles hold `tile`
-    hi = bucket_hi
+    lo = bucket_lo + 0 * tile          # binary search (over tensors): the bucket whose tiles hold `tile`
+    hi = bucket_hi + 0 * tile
     while hi - lo > 1:
         mid = (lo + hi) // 2
         right = tl.load(tile_offsets + mid) <= tile
@@ -73,10 +73,8 @@ def _routed_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slo
     q_rows = q_ptr + row_offset(t, h, L, stride_qb, stride_qs, stride_qh)
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)   # gathered rows
     key0 = tl.load(blocks_ptr + 2 * b)
-    k_ptrs = k_ptr + row_offset(key0, h // GROUP, L, stride_kb, stride_ks, stride_kh) \
-        + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = v_ptr + row_offset(key0, h // GROUP, L, stride_vb, stride_vs, stride_vh) \
-        + offs_n[:, None] * stride_vs + offs_d[None, :]
+    k_block = k_ptr + row_offset(key0, h // GROUP, L, stride_kb, stride_ks, stride_kh)
+    v_block = v_ptr + row_offset(key0, h // GROUP, L, stride_vb, stride_vs, stride_vh)
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -85,10 +83,12 @@ def _routed_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slo
     # are placed at the block's last key.
     last_key = tl.full((BLOCK_M,), 0, tl.int32) + block_size - 1
     for n0 in range(0, block_size, BLOCK_N):
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, last_key, n0 + offs_n, offs_d,
+        # Addresses from a scalar base each step: a loop-carried [BLOCK_N, BLOCK_D] pointer tensor
+        # would pin 2 x 64 registers per thread and spill.
+        offs = (n0 + offs_n)[:, None]
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_block + offs * stride_ks + offs_d[None, :],
+                                    v_block + offs * stride_vs + offs_d[None, :], last_key, n0 + offs_n, offs_d,
                                     block_size, qk_scale, HEAD_DIM, DIAGONAL=RAGGED)
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
     part = (h * chunk_len + (t - chunk_token0)).to(tl.int64) * R + r
     tl.store(po_ptr + part[:, None] * BLOCK_D + offs_d[None, :], (acc / l_i[:, None]).to(po_ptr.dtype.element_ty),
              mask=row_ok[:, None])
@@ -120,25 +120,23 @@ def _own_block_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, routed_ptr, po_ptr, p
                 mask=row_ok[:, None] & d_ok, other=0.0)
     block_lo = (pos0 // block_size) * block_size
     seq0 = token0 - pos0                      # the sequence's first token: keys are at seq0 + position
-    k_ptrs = k_ptr + row_offset(seq0, h // GROUP, L, stride_kb, stride_ks, stride_kh) \
-        + (block_lo + offs_n)[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = v_ptr + row_offset(seq0, h // GROUP, L, stride_vb, stride_vs, stride_vh) \
-        + (block_lo + offs_n)[:, None] * stride_vs + offs_d[None, :]
+    k_seq = k_ptr + row_offset(seq0, h // GROUP, L, stride_kb, stride_ks, stride_kh)
+    v_seq = v_ptr + row_offset(seq0, h // GROUP, L, stride_vb, stride_vs, stride_vh)
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     # Own block, as flash.py's two stages: key tiles of the block before the query tile (no mask; the
     # tile starts a multiple of BLOCK_M >= BLOCK_N after the block), then the causal diagonal.
     for n0 in range(block_lo, pos0, BLOCK_N):
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, pos, n0 + offs_n, offs_d,
+        offs = (n0 + offs_n)[:, None]       # addresses from a scalar base each step (see _routed_kernel)
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_seq + offs * stride_ks + offs_d[None, :],
+                                    v_seq + offs * stride_vs + offs_d[None, :], pos, n0 + offs_n, offs_d,
                                     pos0 + rows, qk_scale, HEAD_DIM, DIAGONAL=False)
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
     for n0 in range(pos0, pos0 + rows, BLOCK_N):
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, pos, n0 + offs_n, offs_d,
+        offs = (n0 + offs_n)[:, None]
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_seq + offs * stride_ks + offs_d[None, :],
+                                    v_seq + offs * stride_vs + offs_d[None, :], pos, n0 + offs_n, offs_d,
                                     pos0 + rows, qk_scale, HEAD_DIM, DIAGONAL=True)
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
     # Merge the routed partials (o_r normalised, lse_r natural): exact softmax over the union of keys.
     routed_rows = routed_ptr + (h * T + t).to(tl.int64) * R
     part_rows = (h * chunk_len + (t - chunk_token0)).to(tl.int64) * R
@@ -160,13 +158,13 @@ def _own_block_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, routed_ptr, po_ptr, p
 
 def launch_config(head_dim: int) -> dict:
     """Tiles and warps. Routed tiles are FlashAttention-2's 128 x 64 (a key block feeds 128 gathered
-    queries); own-block tiles are the router's 64-query tiles (router.query_tile). Under the
+    queries); own-block tiles are the router's 64-query tiles (router.query_tile), on 8 warps: with 4,
+    ptxas spills 1.6 KB per thread at head dim 128 (Triton 3.6 and 3.9, sm_90). Under the
     interpreter, 16 x 16 tiles keep tests quick."""
     if INTERPRET:
         return dict(routed=dict(BLOCK_M=16, BLOCK_N=16), own=dict(BLOCK_N=16))
-    warps = 4 if head_dim <= 64 else 8
-    return dict(routed=dict(BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3),
-                own=dict(BLOCK_N=64, num_warps=4, num_stages=3))
+    return dict(routed=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3),
+                own=dict(BLOCK_N=64, num_warps=8, num_stages=3))
 
 
 def tiles_per_chunk(lay: Layout, Hq: int, R: int, block_d: int, element_size: int, budget: int) -> int:
@@ -176,12 +174,13 @@ def tiles_per_chunk(lay: Layout, Hq: int, R: int, block_d: int, element_size: in
 
 
 def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple, block_size: int,
-                 top_k: int, scale: float, partial_budget: int | None = None):
+                 top_k: int, scale: float, partial_budget: int | None = None, config: dict | None = None):
     """MoBA forward over sequences of the given lengths.
 
     q [B, Hq, S, D] (lengths = (S,) * B) or [T, Hq, D] (lengths from cu_seqlens); k, v with Hkv heads;
     last dims contiguous; float16, bfloat16 or float32 (on a GPU). Returns o (q's layout and dtype),
-    lse float32 [Hq, T] and the router's `Schedule` (what the backward needs).
+    lse float32 [Hq, T] and the router's `Schedule` (what the backward needs). `partial_budget` (bytes)
+    bounds the buffer of routed partials; `config` overrides `launch_config` (for tuning).
     """
     batched = q.dim() == 4
     Hq, D = q.shape[1], q.shape[-1]     # the head axis is axis 1 in both layouts
@@ -198,7 +197,7 @@ def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tup
     chunk_len = max(b - a for a, b in zip(sched.chunk_tokens[:-1], sched.chunk_tokens[1:]))
     partial_o = torch.empty(Hq, chunk_len, R, block_d, dtype=q.dtype, device=q.device)
     partial_lse = torch.empty(Hq, chunk_len, R, dtype=torch.float32, device=q.device)
-    config = launch_config(D)
+    config = config or launch_config(D)
     routed_cfg, own_cfg = config["routed"], config["own"]
     tile_offsets = sched.tile_offsets(routed_cfg["BLOCK_M"]) if R else None
     qk_scale = scale * LOG2E

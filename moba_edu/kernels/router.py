@@ -68,7 +68,7 @@ def query_tile() -> int:
 def row_offset(t, h, L, stride_b, stride_s, stride_h):
     """Element offset of row (token t, head h), in int64 (a million tokens x 16 heads x 128 passes 2**31)."""
     t = t.to(tl.int64)
-    return (t // L) * stride_b + (t % L) * stride_s + h * stride_h
+    return (t // L) * stride_b + (t % L) * stride_s + h.to(tl.int64) * stride_h
 
 
 def strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -174,15 +174,16 @@ def _insert(gates, j0, top_v, top_i, ROUTED_PAD: tl.constexpr, BLOCK_N: tl.const
     slots = tl.arange(0, ROUTED_PAD)
     cols = tl.arange(0, BLOCK_N)
     worst = tl.min(top_v, axis=1)
-    cand = gates > worst[:, None]
-    while tl.max(cand.to(tl.int32)) > 0:
-        best_v, best_c = tl.max(tl.where(cand, gates, -float("inf")), axis=1, return_indices=True)
+    best_v, best_c = tl.max(gates, axis=1, return_indices=True)
+    # (Written so that only tensors of the dot's layout are carried: a masked copy of the gates or a
+    # boolean mask carried through the loop made Triton 3.9 put the loop's state in local memory.)
+    while tl.max((best_v > worst).to(tl.int32)) > 0:
         put = (slots[None, :] == tl.argmin(top_v, axis=1)[:, None]) & (best_v > worst)[:, None]
         top_v = tl.where(put, best_v[:, None], top_v)
         top_i = tl.where(put, (j0 + best_c)[:, None], top_i)
         gates = tl.where(cols[None, :] == best_c[:, None], -float("inf"), gates)  # taken (or hopeless)
         worst = tl.min(top_v, axis=1)
-        cand = gates > worst[:, None]
+        best_v, best_c = tl.max(gates, axis=1, return_indices=True)
     return top_v, top_i
 
 
@@ -190,7 +191,7 @@ def _insert(gates, j0, top_v, top_i, ROUTED_PAD: tl.constexpr, BLOCK_N: tl.const
 def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_qs, stride_qh,
                   T, NB, GROUP, block_size, R,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, ROUTED_PAD: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED_PAD: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     token0 = tl.load(tiles_ptr + 4 * tile)
@@ -198,11 +199,10 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_
     rows = tl.load(tiles_ptr + 4 * tile + 2)
     block0 = tl.load(tiles_ptr + 4 * tile + 3)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
     row_ok = offs_m < rows
     t = token0 + offs_m
-    q_ptrs = q_ptr + row_offset(t, h, L, stride_qb, stride_qs, stride_qh)[:, None] + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+    q_ptrs = q_ptr + row_offset(t, h, L, stride_qb, stride_qs, stride_qh)[:, None] + offs_k[None, :]
     own = pos0 // block_size                     # the whole tile lies in one block: blocks j < own eligible
     slots = tl.arange(0, ROUTED_PAD)
     top_v = tl.where(slots[None, :] < R, -float("inf"), float("inf")) + tl.zeros((BLOCK_M, ROUTED_PAD), tl.float32)
@@ -210,8 +210,15 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_
     means_base = means_ptr + ((h // GROUP) * NB + block0).to(tl.int64) * BLOCK_D
     for j0 in range(0, own, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        means_t = tl.load(means_base + j[None, :] * BLOCK_D + offs_d[:, None], mask=(j < own)[None, :], other=0.0)
-        gates = tl.dot(q, means_t, input_precision="ieee")      # [BM, BN] float32, unscaled
+        # [BM, BN] float32 gates, unscaled, as an ieee (FMA) dot over head-dim slices of BLOCK_K: the
+        # FMA dot holds each thread's rows over the whole reduction in registers, so a 128-wide one
+        # spills; q's slices are re-read from L1/L2 each block tile (half the bytes of the means).
+        gates = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
+            q = tl.load(q_ptrs + k0, mask=row_ok[:, None] & (k0 + offs_k < HEAD_DIM)[None, :], other=0.0)
+            means_t = tl.load(means_base + j[None, :] * BLOCK_D + (k0 + offs_k)[:, None], mask=(j < own)[None, :],
+                              other=0.0)
+            gates = tl.dot(q.to(tl.float32), means_t, gates, input_precision="ieee")
         gates = tl.where(row_ok[:, None] & (j < own)[None, :], gates, -float("inf"))
         top_v, top_i = _insert(gates, j0, top_v, top_i, ROUTED_PAD, BLOCK_N)
     # Emit by descending gate: R passes of "take the row's best remaining slot".
@@ -233,11 +240,11 @@ def route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int) -> torc
     if R == 0 or lay.NT == 0:
         return routed
     block_d = means.shape[-1]
-    block_n = 16 if INTERPRET else 64
+    block_n, block_k = (16, block_d) if INTERPRET else (64, 16)
     _route_kernel[(lay.NT, Hq)](q, means, routed, lay.tiles, lay.L, *strides(q), lay.T, lay.NB,
                                 Hq // means.shape[0], lay.block_size, R, HEAD_DIM=D, BLOCK_D=block_d,
-                                BLOCK_M=lay.QT, BLOCK_N=block_n, ROUTED_PAD=triton.next_power_of_2(R),
-                                **({} if INTERPRET else dict(num_warps=4, num_stages=2)))
+                                BLOCK_M=lay.QT, BLOCK_N=block_n, BLOCK_K=block_k, ROUTED_PAD=triton.next_power_of_2(R),
+                                **({} if INTERPRET else dict(num_warps=8, num_stages=2)))
     return routed
 
 
