@@ -12,7 +12,18 @@ CPU suites
                   4 heads, head dim 64, block 256, top_k 3, float32, one thread. Time: median of
                   repeats. Memory: peak RSS of a fresh subprocess per point, minus its RSS before the
                   call (`peak_rss_bytes` says why that is VmHWM rather than ru_maxrss on Linux).
-GPU suites: none yet.
+GPU suites (bf16, B = 1, head dim 128, causal; times are medians of triton.testing.do_bench)
+  ceilings        the measured copy bandwidth and bf16 / float32 matrix rates (the floors' rates).
+  dense_sdpa      dense causal SDPA, cuDNN and FlashAttention-2 backends, S = 8K ... 1M (1M: cuDNN
+                  alone, a few CUDA-event calls), 16 heads and 32 query / 8 key-value heads.
+  moba_fwd        the Triton MoBA forward (impl="triton") and its router alone, S = 8K ... 1M,
+                  (block_size, top_k) in (512, 3), (128, 8), (4096, 12), and grouped heads at 32K
+                  and 128K; density, density bound, router floor, peak and extra memory, speed-ups over
+                  cuDNN, FlashAttention-2 and (up to 32K) the torch rung. Measures `ceilings` and the
+                  `dense_sdpa` point it needs when they are missing from --out.
+  moba_fwd_tiles  the routed kernel's tile sizes, warps and stages at two shapes (how they were chosen).
+  FlexAttention is left out: compiling a per-token block mask per shape costs minutes of a GPU lease.
+GPU suites: bench_backward.py's (moba_fwd_bwd: MoBA forward + backward against SDPA; bwd_tiles).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from typing import Callable
 
 import torch
 
+from . import bench_backward
 from .environment import triton_version
 from .routing import num_blocks
 
@@ -251,6 +263,11 @@ def _plot_torch_vs_naive(records: list[dict], out_dir: Path) -> list[Path]:
     for S, ratio in zip(both, speedups):
         ax_speed.annotate(f"{ratio:.3g}x", (S, ratio), textcoords="offset points", xytext=(0, 6), ha="center",
                           fontsize=8)
+    for r in runs["naive"]:
+        if "skipped" in r:  # keep the S axis whole, and say why there is no ratio
+            ax_speed.axvline(r["shape"]["S"], color="0.9", lw=10, zorder=0)
+            ax_speed.text(r["shape"]["S"], 0.5, f"naive not run: needs {r['predicted_extra_bytes'] / GIB:.3g} GiB",
+                          rotation=90, ha="center", va="bottom", fontsize=7)
     S_target, target = SPEEDUP_TARGET
     ax_speed.plot([S_target], [target], marker="*", ms=12, color="k", ls="none", label=f"target: {target:g}x at S={S_target}")
     ax_speed.set(ylabel="speed-up of the torch rung (x)", title="speed-up on one core",
@@ -283,7 +300,7 @@ def _plot_torch_vs_naive(records: list[dict], out_dir: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length S (tokens)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right" if ax is ax_mem else "upper left")
     first = (measured or records)[0]
     shape = first["shape"]
     fig.suptitle(f"CPU forward, float32: torch rung vs naive rung (B={shape['B']}, Hq={shape['Hq']}, D={shape['D']}, "
@@ -296,13 +313,254 @@ def _plot_torch_vs_naive(records: list[dict], out_dir: Path) -> list[Path]:
     plt.close(fig)
     return [path]
 
+# ---------------------------------------------------------------- GPU: the Triton MoBA forward vs dense SDPA
+
+GPU_SEQ_LENS = [8192, 32768, 131072, 1048576]
+GPU_CONFIGS = [(512, 3), (128, 8), (4096, 12)]        # (block_size, top_k)
+GPU_HEADS, GPU_GROUPED, GPU_HEAD_DIM = (16, 16), (32, 8), 128
+GPU_GROUPED_SEQ_LENS = [32768, 131072]
+TORCH_RUNG_MAX_S = 32768
+EVENT_TIMED_S = 131072   # past this, dense attention takes seconds: a few CUDA-event calls, not do_bench
+# Issue 4's targets: (S, block_size, top_k) -> least speed-up over cuDNN's dense causal attention.
+GPU_TARGETS = {(131072, 512, 3): 20.0, (32768, 512, 3): 5.0, (1048576, 4096, 12): 6.0}
+ROUTER_FLOOR_TARGET = 2.0   # router time within 2x of its floor
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    """Median of `triton.testing.do_bench` (CUDA events; compile and warm-up excluded)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def event_ms(fn: Callable[[], object], calls: int = 2) -> float:
+    """Median of a few CUDA-event timed calls after one warm-up: for calls of seconds."""
+    fn()
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _gpu_qkv(S: int, Hq: int, Hkv: int, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    make = lambda h: torch.randn(1, h, S, GPU_HEAD_DIM, device="cuda", generator=gen).bfloat16()  # noqa: E731
+    return make(Hq), make(Hkv), make(Hkv)
+
+
+def _measure_ceilings(params: dict, out_dir: Path) -> dict:
+    """METHOD.md's two rates, measured: copy bandwidth (bytes read + written, 1 GiB bf16 copy), and the
+    bf16 tensor-core and float32 (FMA, TF32 off) matrix rates of 8192^3 products."""
+    x = torch.randn(GIB // 2, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    copy_ms = bench_ms(lambda: y.copy_(x))
+    del x, y
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bf16_ms = bench_ms(lambda: a @ b)
+    a, b = a.float(), b.float()
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fp32_ms = bench_ms(lambda: a @ b)
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    return {"copy_bytes_per_s": 2 * GIB / copy_ms * 1e3, "bf16_flops_per_s": 2 * n**3 / bf16_ms * 1e3,
+            "fp32_flops_per_s": 2 * n**3 / fp32_ms * 1e3, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version()}
+
+
+def _ceilings(out_dir: Path) -> dict:
+    path = point_path(out_dir, SUITES["gpu"]["ceilings"], "h200")
+    if not path.exists():
+        write_point(out_dir, SUITES["gpu"]["ceilings"], "h200", _measure_ceilings({}, out_dir))
+    return json.loads(path.read_text())
+
+
+def _dense_points() -> list[tuple[str, dict]]:
+    shapes = [(S, *GPU_HEADS) for S in GPU_SEQ_LENS] + [(S, *GPU_GROUPED) for S in GPU_GROUPED_SEQ_LENS]
+    return [(f"S{S}-h{Hq}x{Hkv}", dict(S=S, Hq=Hq, Hkv=Hkv)) for S, Hq, Hkv in shapes]
+
+
+def _measure_dense(params: dict, out_dir: Path) -> dict:
+    """Dense causal SDPA, bf16: cuDNN and FlashAttention-2 backends (cuDNN alone past EVENT_TIMED_S).
+    Grouped heads are timed on repeated k, v: the same FLOPs as a grouped kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    S, Hq, Hkv = params["S"], params["Hq"], params["Hkv"]
+    q, k, v = _gpu_qkv(S, Hq, Hkv)
+    k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+    record = {"shape": dict(B=1, Hq=Hq, Hkv=Hkv, S=S, D=GPU_HEAD_DIM), "dtype": "bfloat16",
+              "flops": 2 * Hq * S * S * GPU_HEAD_DIM, "timing": "do_bench median" if S <= EVENT_TIMED_S else "CUDA events, median of 2 after 1 warm-up"}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        if name == "flash" and S > EVENT_TIMED_S:
+            continue
+        with sdpa_kernel(backend):
+            call = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+            record[f"{name}_ms"] = event_ms(call) if S > EVENT_TIMED_S else bench_ms(call)
+    return record
+
+
+def _dense(S: int, Hq: int, Hkv: int, out_dir: Path) -> dict:
+    path = point_path(out_dir, SUITES["gpu"]["dense_sdpa"], f"S{S}-h{Hq}x{Hkv}")
+    if not path.exists():
+        write_point(out_dir, SUITES["gpu"]["dense_sdpa"], path.stem.split("-", 1)[1],
+                    _measure_dense(dict(S=S, Hq=Hq, Hkv=Hkv), out_dir))
+    return json.loads(path.read_text())
+
+
+def _moba_points() -> list[tuple[str, dict]]:
+    shapes = [(S, *GPU_HEADS, bs, k) for S in GPU_SEQ_LENS for bs, k in GPU_CONFIGS]
+    shapes += [(S, *GPU_GROUPED, 512, 3) for S in GPU_GROUPED_SEQ_LENS]
+    return [(f"S{S}-bs{bs}-k{k}-h{Hq}x{Hkv}", dict(S=S, Hq=Hq, Hkv=Hkv, block_size=bs, top_k=k))
+            for S, Hq, Hkv, bs, k in shapes]
+
+
+def _routing_counts(routed: torch.Tensor, S: int, block_size: int) -> dict:
+    """From routed int32 [Hq, S, R]: attended and causal (query, key) pairs, the router's eligible
+    (query, block) pairs, routed pairs; density = attended / causal."""
+    Hq = routed.shape[0]
+    pos = torch.arange(S, dtype=torch.float64)
+    routed_pairs = int((routed >= 0).sum())
+    attended = Hq * float((pos % block_size + 1).sum()) + routed_pairs * block_size
+    causal = Hq * S * (S + 1) / 2
+    return {"density": attended / causal, "attended_pairs": attended, "routed_pairs": routed_pairs,
+            "eligible_blocks": Hq * float((pos // block_size).sum())}
+
+
+def _measure_moba(params: dict, out_dir: Path) -> dict:
+    """The Triton forward (impl="triton", no grad) and its router alone; floors from measured rates."""
+    import moba_edu as me
+    from moba_edu import efficient
+    from moba_edu.kernels import router
+    from moba_edu.kernels.moba_fwd import moba_forward
+
+    ceil = _ceilings(out_dir)
+    S, Hq, Hkv, bs, top_k = (params[key] for key in ("S", "Hq", "Hkv", "block_size", "top_k"))
+    dense = _dense(S, Hq, Hkv, out_dir)
+    q, k, v = _gpu_qkv(S, Hq, Hkv)
+    D, scale = GPU_HEAD_DIM, GPU_HEAD_DIM ** -0.5
+    lay = router.layout((S,), bs, q.device, True)
+    call = lambda: me.moba_attention(q, k, v, block_size=bs, top_k=top_k, impl="triton")  # noqa: E731
+    with torch.inference_mode():
+        router_ms = bench_ms(lambda: router.route(q, router.block_means(k, lay), lay, top_k))
+        moba_ms = bench_ms(call)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        o = call()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del o
+        _, _, sched = moba_forward(q, k, v, (S,), bs, top_k, scale)
+        counts = _routing_counts(sched.routed.cpu(), S, bs)
+        n_chunks, R = sched.n_chunks, sched.R
+        del sched
+        torch_rung_ms = None
+        if S <= TORCH_RUNG_MAX_S and counts["routed_pairs"] * bs * 8 < 40 * 10**9:  # its [rows, block] tiles fit
+            torch_rung_ms = bench_ms(lambda: efficient.moba_attention(q, k, v, bs, top_k, scale))
+    # Router floor: read q and k once, write R int32 per (query, head); 2 D float32 FLOPs per eligible block.
+    router_bytes = 2 * q.numel() + 2 * k.numel() + 4 * Hq * S * R
+    router_flops = 2 * D * counts["eligible_blocks"]
+    router_floor_ms = 1e3 * max(router_bytes / ceil["copy_bytes_per_s"], router_flops / ceil["fp32_flops_per_s"])
+    flops = 4 * D * counts["attended_pairs"]
+    qkvo_bytes = 2 * (2 * q.numel() + 2 * k.numel())
+    record = {"shape": dict(B=1, Hq=Hq, Hkv=Hkv, S=S, D=D), "dtype": "bfloat16", "block_size": bs, "top_k": top_k,
+              **counts, "moba_ms": moba_ms, "router_ms": router_ms, "moba_tflops_per_s": flops / moba_ms / 1e9,
+              "router_bytes": router_bytes, "router_flops": router_flops, "router_floor_ms": router_floor_ms,
+              "router_over_floor": router_ms / router_floor_ms, "peak_bytes": peak, "extra_bytes": peak - 2 * q.numel(),
+              "qkvo_bytes": qkvo_bytes, "n_chunks": n_chunks, "torch_rung_ms": torch_rung_ms,
+              "cudnn_ms": dense["cudnn_ms"], "flash_ms": dense.get("flash_ms"),
+              "density_bound_ms": dense["cudnn_ms"] * counts["density"], "ceilings": ceil}
+    for name in ("cudnn", "flash", "torch_rung"):
+        if record[f"{name}_ms"] is not None:
+            record[f"speedup_vs_{name}"] = record[f"{name}_ms"] / moba_ms
+    record["target_speedup_vs_cudnn"] = GPU_TARGETS.get((S, bs, top_k)) if Hq == Hkv else None
+    print(f"  moba {moba_ms:.4g} ms (router {router_ms:.3g} ms, {record['router_over_floor']:.3g}x its floor), "
+          f"cuDNN {dense['cudnn_ms']:.4g} ms: {record['speedup_vs_cudnn']:.3g}x (density bound "
+          f"{1 / counts['density']:.3g}x), extra memory {record['extra_bytes'] / GIB:.3g} GiB", flush=True)
+    return record
+
+
+def _tile_points() -> list[tuple[str, dict]]:
+    """The routed kernel's tiles (BLOCK_M, BLOCK_N, warps, stages), at two shapes."""
+    tiles = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
+    shapes = [(131072, 512, 3), (32768, 4096, 12)]
+    return [(f"S{S}-bs{bs}-k{k}-m{m}n{n}w{w}s{st}", dict(S=S, block_size=bs, top_k=k, tile=(m, n, w, st)))
+            for S, bs, k in shapes for m, n, w, st in tiles]
+
+
+def _measure_tiles(params: dict, out_dir: Path) -> dict:
+    from moba_edu.kernels.moba_fwd import launch_config, moba_forward
+
+    S, bs, top_k, (m, n, w, st) = (params[key] for key in ("S", "block_size", "top_k", "tile"))
+    q, k, v = _gpu_qkv(S, *GPU_HEADS)
+    config = dict(launch_config(GPU_HEAD_DIM), routed=dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st))
+    with torch.inference_mode():
+        ms = bench_ms(lambda: moba_forward(q, k, v, (S,), bs, top_k, GPU_HEAD_DIM ** -0.5, config=config))
+    print(f"  tile {params['tile']}: {ms:.4g} ms", flush=True)
+    return {"shape": dict(B=1, Hq=GPU_HEADS[0], Hkv=GPU_HEADS[1], S=S, D=GPU_HEAD_DIM), "block_size": bs,
+            "top_k": top_k, "tile": dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st), "moba_ms": ms}
+
+
+def _plot_moba(records: list[dict], out_dir: Path) -> list[Path]:
+    """Speed-up over cuDNN against S per (block_size, top_k) with its density bound and the targets;
+    the router's time over its floor."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_router) = plt.subplots(1, 2, figsize=(13, 4.8))
+    configs = sorted({(r["block_size"], r["top_k"], r["shape"]["Hq"], r["shape"]["Hkv"]) for r in records})
+    for i, (bs, k, hq, hkv) in enumerate(configs):
+        runs = sorted((r for r in records if (r["block_size"], r["top_k"], r["shape"]["Hq"], r["shape"]["Hkv"])
+                       == (bs, k, hq, hkv)), key=lambda r: r["shape"]["S"])
+        S = [r["shape"]["S"] for r in runs]
+        label = f"({bs}, {k})" + ("" if hq == hkv else f", {hq}q/{hkv}kv heads")
+        ax_speed.plot(S, [r["speedup_vs_cudnn"] for r in runs], marker="o", color=f"C{i}", label=f"MoBA {label}")
+        ax_speed.plot(S, [1 / r["density"] for r in runs], ls=":", color=f"C{i}", label=f"density bound {label}")
+        ax_router.plot(S, [r["router_over_floor"] for r in runs], marker="o", color=f"C{i}", label=label)
+    for (S, bs, k), target in GPU_TARGETS.items():
+        ax_speed.plot([S], [target], marker="*", ms=13, color="k", ls="none")
+        ax_speed.annotate(f"target {target:g}x ({bs}, {k})", (S, target), textcoords="offset points", xytext=(6, -10),
+                          fontsize=7)
+    ax_speed.set(ylabel="speed-up over cuDNN dense causal (x)", yscale="log",
+                 title="MoBA forward vs dense causal attention (cuDNN)")
+    ax_router.axhline(ROUTER_FLOOR_TARGET, color="k", ls="--", lw=1, label="target: 2x the floor")
+    ax_router.set(ylabel="router time / floor", ylim=(0, None),
+                  title="router: time over max(bytes / copy rate, FLOPs / float32 rate)")
+    for ax in (ax_speed, ax_router):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length S (tokens)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    first = records[0]
+    fig.suptitle(f"Triton MoBA forward on {first['machine'].get('gpu', '?')}: bf16, B=1, head dim "
+                 f"{first['shape']['D']}, torch {first['machine']['torch']}, triton {first['machine']['triton']}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "gpu_moba_forward.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _no_plot(records: list[dict], out_dir: Path) -> list[Path]:
+    return []
+
+
 # ---------------------------------------------------------------- registry and entry point
 
 SUITES: dict[str, dict[str, Suite]] = {
     "cpu": {"torch_vs_naive": Suite("torch_vs_naive", "cpu", _torch_vs_naive_points, _measure_torch_vs_naive,
                                     _plot_torch_vs_naive)},
-    "gpu": {},
+    "gpu": {"ceilings": Suite("ceilings", "gpu", lambda: [("h200", {})], _measure_ceilings, _no_plot),
+            "dense_sdpa": Suite("dense_sdpa", "gpu", _dense_points, _measure_dense, _no_plot),
+            "moba_fwd": Suite("moba_fwd", "gpu", _moba_points, _measure_moba, _plot_moba),
+            "moba_fwd_tiles": Suite("moba_fwd_tiles", "gpu", _tile_points, _measure_tiles, _no_plot)},
 }
+SUITES["gpu"].update(bench_backward.suites(Suite))
 
 
 def selected(suite: Suite, point: str, only: list[str] | None) -> bool:
