@@ -65,7 +65,7 @@ def route_in_chunks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: in
     if S == 0:
         return torch.empty(B, Hq, 0, 0, dtype=torch.int64, device=q.device)
     means_t = block_means(k, block_size).repeat_interleave(g, dim=1).transpose(-1, -2)  # [B, Hq, D, N], small
-    rows = max(1, gate_budget // (B * Hq * N))
+    rows = max(1, gate_budget // max(1, B * Hq * N))
     blocks = torch.arange(N, device=q.device)
     own = own_block(S, block_size, q.device)
     chunks = []
@@ -239,9 +239,6 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
     grid = torch.where(real, cu[:-1, None] + position, 0)  # token of each grid cell (0 where padding)
     with torch.no_grad():
         padded = lambda x: x.detach()[grid].transpose(1, 2)  # noqa: E731  [T,H,D] -> [n,H,longest,D]
-        indices = route_in_chunks(padded(q), padded(k), block_size, top_k) if q.shape[0] else None
-    if indices is None:  # no token at all
-        routed = torch.empty(0, q.shape[1], 0, dtype=torch.int64, device=q.device)
-    else:
-        routed = _global_routed(indices, table.first).transpose(1, 2)[real]  # [T, Hq, R]
+        indices = route_in_chunks(padded(q), padded(k), block_size, top_k)
+    routed = _global_routed(indices, table.first).transpose(1, 2)[real]  # [T, Hq, R]
     return attend(q, k, v, table, routed, scale)
