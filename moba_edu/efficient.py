@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .routing import block_means, num_blocks, own_block, select_blocks
+from .routing import block_means, eligible, num_blocks, select_blocks
 
 # Gate entries (float32) the router may hold at once: 2**22 of them are 16 MiB. Past that, queries are
 # routed a chunk of rows at a time.
@@ -57,7 +57,7 @@ def route_in_chunks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: in
 
     q: [B, Hq, S, D], k: [B, Hkv, S, D] -> int64 [B, Hq, S, min(top_k, N)] (own block first, then the
     routed blocks by descending gate, then -1). The gates of a chunk of rows are routing.gate_scores's
-    dot products against block means computed once, masked by routing.eligible's rule for those rows.
+    dot products against block means computed once, masked by routing.eligible for those rows.
     """
     B, Hq, S, _ = q.shape
     g = Hq // k.shape[1]
@@ -66,16 +66,12 @@ def route_in_chunks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: in
         return torch.empty(B, Hq, 0, 0, dtype=torch.int64, device=q.device)
     means_t = block_means(k, block_size).repeat_interleave(g, dim=1).transpose(-1, -2)  # [B, Hq, D, N], small
     rows = max(1, gate_budget // max(1, B * Hq * N))
-    blocks = torch.arange(N, device=q.device)
-    own = own_block(S, block_size, q.device)
     chunks = []
     for start in range(0, S, rows):
-        own_rows = own[start:start + rows]
-        scores = q[:, :, start:start + rows].detach().float() @ means_t  # [B, Hq, rows, N]
-        gates = scores.masked_fill(blocks >= own_rows[:, None], float("-inf"))  # eligible: j < t // block_size
-        chosen = select_blocks(gates, block_size, top_k)
-        chosen[..., 0] = own_rows  # select_blocks numbers rows from 0; this chunk starts at `start`
-        chunks.append(chosen)
+        q_rows = q[:, :, start:start + rows]
+        scores = q_rows.detach().float() @ means_t  # [B, Hq, rows, N]
+        ineligible = ~eligible(q_rows.shape[2], block_size, q.device, start=start, n_blocks=N)
+        chunks.append(select_blocks(scores.masked_fill(ineligible, float("-inf")), block_size, top_k, start=start))
     return torch.cat(chunks, dim=2)
 
 

@@ -64,28 +64,33 @@ def gate_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tens
     return q.detach().float() @ means.transpose(-1, -2)
 
 
-def eligible(seq_len: int, block_size: int, device=None) -> torch.Tensor:
+def eligible(seq_len: int, block_size: int, device=None, start: int = 0, n_blocks: int | None = None) -> torch.Tensor:
     """bool [S, N]: block j may be routed to query t only if it lies wholly before t's own block.
 
     j < t // block_size. The own block itself is not eligible: its mean would include future keys.
+    Rows are the queries start .. start + seq_len - 1 (a chunk of a longer sequence of n_blocks blocks).
     """
-    t = torch.arange(seq_len, device=device)
-    j = torch.arange(num_blocks(seq_len, block_size), device=device)
+    t = torch.arange(start, start + seq_len, device=device)
+    j = torch.arange(num_blocks(start + seq_len, block_size) if n_blocks is None else n_blocks, device=device)
     return j[None, :] < (t // block_size)[:, None]
 
 
-def own_block(seq_len: int, block_size: int, device=None) -> torch.Tensor:
-    """int64 [S]: the block that holds each query, t // block_size; always attended (causally)."""
-    return torch.arange(seq_len, device=device) // block_size
+def own_block(seq_len: int, block_size: int, device=None, start: int = 0) -> torch.Tensor:
+    """int64 [S]: the block that holds each query, t // block_size; always attended (causally).
+
+    Rows are the queries start .. start + seq_len - 1.
+    """
+    return torch.arange(start, start + seq_len, device=device) // block_size
 
 
-def select_blocks(gates: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
+def select_blocks(gates: torch.Tensor, block_size: int, top_k: int, start: int = 0) -> torch.Tensor:
     """Own block first, then the top_k - 1 eligible blocks with the largest gates, then -1.
 
-    gates: float32 [..., S, N] with ineligible blocks at -inf -> int64 [..., S, min(top_k, N)].
+    gates: float32 [..., S, N] with ineligible blocks at -inf -> int64 [..., S, min(top_k, N)]. Rows are
+    the queries start .. start + S - 1.
     """
     *lead, S, N = gates.shape
-    own = own_block(S, block_size, gates.device).expand(*lead, S).unsqueeze(-1)
+    own = own_block(S, block_size, gates.device, start).expand(*lead, S).unsqueeze(-1)
     n_routed = min(top_k - 1, max(N - 1, 0))  # the own block is never among the eligible ones
     if n_routed == 0:
         return own.clone()
