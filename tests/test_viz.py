@@ -203,7 +203,8 @@ def test_explorer_views_change_together():
     assert ex.controls["query"].value == sample.needle_query
     assert f"attends blocks [{own}, {needle}]" in ex.summary.value
     ex.controls["seq_len"].value = 128  # the needle query follows the sequence length
-    assert ex.controls["query"].max == 127 and ex.controls["query"].value == viz.make_sample("needle", seq_len=128).needle_query
+    assert ex.controls["query"].max == 127
+    assert ex.controls["query"].value == viz.make_sample("needle", seq_len=128).needle_query
     ex.controls["query"].value = 5
     ex.controls["seq_len"].value = 64
     assert ex.controls["query"].value == 5

@@ -1,0 +1,218 @@
+"""Notebook 03's dashboard works live in JupyterLab, in a real browser.
+
+Starts JupyterLab on 127.0.0.1 (random token, free port, nothing fetched from the network) serving a
+copy of notebook 03 without its outputs, so autosave can never touch the committed file. Headless Chromium (Debian's
+package at /usr/bin/chromium, driven by Playwright, which cannot download its own browser here)
+opens notebook 03, runs all cells from the Run menu, checks that the widgets rendered, presses a key
+on the top_k slider and checks that the views changed. A screenshot goes to test-artifacts/. Every
+process started here is stopped at the end, kernels included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "03_routing_explorer.ipynb"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# JupyterLab user settings: no autosave (a second guard for the committed notebook); every cell kept in
+# the page (no windowing), so that widgets below the fold are in the DOM to check; the notebook's
+# kernel started without asking.
+LAB_SETTINGS = {
+    "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none",
+                                                                   "autoStartDefaultKernel": True},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
+                                                                       "checkForUpdates": False},
+}
+NO_NETWORK_FLAGS = ["--no-browser", "--LabApp.news_url=None", "--LabApp.extension_manager=readonly",
+                    "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                    "--ServerApp.terminals_enabled=False"]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return CHROMIUM
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), children first: kernels run in sessions of their own,
+    so they are not in the server's process group."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (the server shuts its kernels down), then SIGKILL whatever
+    it started that is still alive."""
+    started = descendants(proc.pid)
+    signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group has already ended
+        os.killpg(pgid, sig)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A running JupyterLab serving a copy of notebook 03 without its stored outputs (so that what the
+    test sees was computed in the browser's kernel): yields (base url, token)."""
+    home = tmp_path_factory.mktemp("lab")
+    served = home / "notebooks"
+    served.mkdir()
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nb.metadata.pop("widgets", None)  # the stored widget state
+    nbformat.write(nb, served / NOTEBOOK.name)
+    for name, values in LAB_SETTINGS.items():
+        path = home / "settings" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    token, port = secrets.token_hex(16), free_port()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
+               JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+               JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_DATA_DIR=str(home / "data"),
+               IPYTHONDIR=str(home / "ipython"))  # nothing written outside the temporary folder
+    log = (home / "lab.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", f"--IdentityProvider.token={token}", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--notebook-dir={served}",
+         *NO_NETWORK_FLAGS, *(["--allow-root"] if os.geteuid() == 0 else [])],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"JupyterLab did not start:\n{(home / 'lab.log').read_text()}") from None
+                time.sleep(0.5)
+        yield url, token
+    finally:
+        stop(proc)
+        log.close()
+
+
+def wait_for_all_cells(prompts, errors, n_code: int, timeout_s: float) -> None:
+    """Until every code cell shows an execution count ("[ ]:" before, "[*]:" while queued or running);
+    fail at once with the traceback if a cell raised (Run All stops there)."""
+    from playwright.sync_api import expect
+
+    done = prompts.filter(has_text=re.compile(r"^\[\d+\]:$"))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            expect(done).to_have_count(n_code, timeout=2_000)  # an expect also lets dialog handlers run
+            return
+        except AssertionError:
+            assert errors.count() == 0, f"a cell failed:\n{errors.first.inner_text()}"
+            assert time.monotonic() < deadline, f"Run All Cells ran {done.count()} of {n_code} cells in {timeout_s} s"
+
+
+def test_dashboard_renders_and_follows_a_slider(chromium, lab, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, token = lab
+    committed = NOTEBOOK.read_bytes()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(chromium), headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        try:
+            # On a slow machine a kernel may answer late and JupyterLab then asks which kernel to use:
+            # keep the notebook's own.
+            kernel_dialog = page.locator(".jp-Dialog", has_text="Select Kernel")
+            page.add_locator_handler(kernel_dialog,
+                                     lambda: kernel_dialog.get_by_role("button", name="Select", exact=True).click())
+            page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}", timeout=120_000)
+            notebook = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook")
+            expect(notebook.locator(".jp-CodeCell").first).to_be_visible(timeout=120_000)
+            expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
+                1, timeout=120_000)  # the kernel is up
+
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+            prompts = notebook.locator(".jp-CodeCell .jp-InputPrompt")
+            n_code = prompts.count()
+            assert n_code == sum(c.cell_type == "code" for c in nbformat.read(NOTEBOOK, as_version=4).cells)
+            errors = notebook.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
+                                      has_text="Traceback")
+            wait_for_all_cells(prompts, errors, n_code, timeout_s=300)
+
+            dashboard = notebook.locator(".jp-OutputArea-output", has=page.locator(".widget-slider")).first
+            expect(dashboard).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Loading widget")).to_have_count(0, timeout=60_000)
+            sliders = dashboard.locator(".widget-slider")
+            assert sliders.count() == 5  # seq_len, block_size, top_k, head, query
+            image, summary = dashboard.locator("img"), dashboard.locator(".widget-html", has_text="attends blocks")
+            src_before, text_before = image.get_attribute("src"), summary.inner_text()
+            assert src_before and "attends blocks" in text_before
+
+            top_k = sliders.filter(has_text="top_k")
+            top_k.locator(".noUi-handle").focus()
+            page.keyboard.press("ArrowRight")
+            expect(top_k.locator(".widget-readout")).to_have_text("3", timeout=10_000)
+            expect(summary).not_to_have_text(text_before, timeout=30_000)
+            expect(image).not_to_have_attribute("src", src_before, timeout=30_000)
+            assert "attends blocks [7, 1, " in summary.inner_text()  # top_k 3: own block, needle, one more
+        finally:
+            page.screenshot(path=str(ARTIFACTS / "browser_nb03.png"), full_page=False)
+            context.close()
+    assert NOTEBOOK.read_bytes() == committed
