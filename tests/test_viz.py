@@ -262,3 +262,12 @@ def test_nb03_oracle_check_names_the_mistake(answer, mistake, capsys):
     assert capsys.readouterr().out.startswith("✓")
     with pytest.raises(Mistake, match=mistake):
         nb03.check_oracle_mass(answer)
+
+
+@pytest.mark.parametrize("seq_len,block_size", [(64, 64), (512, 8)])
+def test_explorer_at_one_block_and_at_many(seq_len, block_size):
+    ex = viz.explore("periodic", seq_len=seq_len, block_size=block_size, top_k=8, query=seq_len - 1)
+    assert not axes_unlabelled(ex.figure)
+    sample = viz.make_sample("periodic", seq_len=seq_len)
+    chosen = me.route(sample.q, sample.k, block_size=block_size, top_k=8).indices[0, 0, -1]
+    assert f"attends blocks {[j for j in chosen.tolist() if j >= 0]}" in ex.summary.value

@@ -57,7 +57,7 @@ def state_legend(ax, extra=(), **kwargs) -> None:
 
 def block_axis(axis) -> None:
     """Integer ticks on an axis that counts key blocks: every block up to 16 blocks, then fewer."""
-    axis.set_major_locator(MaxNLocator(nbins=16, integer=True, steps=[1, 2, 5, 10]))
+    axis.set_major_locator(MaxNLocator(nbins=16, integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
 
 
 def marker(ax, gid: str):
@@ -81,7 +81,8 @@ def plot_token_mask(routing: Routing, block_size: int, head: int = 0, *, query: 
     S = states.shape[0]
     _draw_states(ax, states, extent=(-0.5, S - 0.5, S - 0.5, -0.5))
     edges = [edge - 0.5 for edge in range(block_size, S, block_size)]
-    ax.vlines(edges, -0.5, S - 0.5, color="0.6", lw=0.5)  # block boundaries along the keys
+    if len(edges) < 16:  # block boundaries along the keys, while they stay apart
+        ax.vlines(edges, -0.5, S - 0.5, color="0.6", lw=0.5)
     if query is not None:
         ax.axhline(query, color="k", lw=1, ls="--", gid="query")
     ax.set(xlabel="key position s", ylabel="query position t", title=f"token mask, head {head}")
