@@ -8,7 +8,8 @@ and without an interactive matplotlib backend.
 
 Responsiveness: at the default sizes (S = 256, 4 heads, head_dim 16) one update takes well under a
 second on a 2-core CPU; tests/test_viz.py holds that contract. Data and the true attention are cached
-per preset and size, so moving top_k, head or query only re-routes and redraws.
+per preset and size, so moving top_k, head or query only re-routes and redraws; top_k and query even
+keep the axes and only update what they change.
 """
 
 from __future__ import annotations
@@ -68,8 +69,7 @@ class Explorer(widgets.VBox):
             "top_k": widgets.IntSlider(value=top_k, min=1, max=MAX_TOP_K, description="top_k", **slider),
             "head": widgets.IntSlider(value=head, min=0, max=heads - 1, description="head", **slider),
             "query": widgets.IntSlider(value=needle_positions(seq_len)[1] if query is None else query, min=0,
-                                       max=seq_len - 1,
-                                       description="query t", **slider),
+                                       max=seq_len - 1, description="query t", **slider),
         }
         self.summary = widgets.HTML()
         self.image = widgets.Image(format="png", layout=widgets.Layout(width="100%", max_width="1000px"))
