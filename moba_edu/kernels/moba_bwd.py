@@ -92,13 +92,22 @@ def _tile_scores(q, do, lse2, delta, k, v, visible, qk_scale):
 
 
 @triton.jit
-def _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible, qk_scale):
-    """Fold a query tile into a key tile's dK, dV (unscaled dK); also returns dS for the dQ terms.
-    P and dS are rounded to the input dtype for the tensor cores, as FlashAttention-2 does."""
-    p, ds = _tile_scores(q, do, lse2, delta, k, v, visible, qk_scale)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
-    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
-    return dk, dv, ds
+def _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible_t, qk_scale):
+    """Fold a query tile into a key tile's dK, dV (unscaled dK); returns dS^T too, for the dQ terms.
+
+    Computed transposed, as FlashAttention-2's Triton backward does: S^T = K Q^T and dP^T = V dO^T are
+    [N, M] tiles, so every matrix product here has the key tile's N rows as its M dimension (Hopper's
+    wgmma takes 64 rows per warp group: a key tile of 128 fills two, whatever the query tile is).
+    visible_t bool [N, M]. P and dS are rounded to the input dtype for the tensor cores, as in
+    FlashAttention-2.
+    """
+    st = tl.dot(k, tl.trans(q))
+    pt = tl.where(visible_t, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+    dpt = tl.dot(v, tl.trans(do))
+    dst = pt * (dpt - delta[None, :])
+    dv = tl.dot(pt.to(do.dtype), do, dv)
+    dk = tl.dot(dst.to(q.dtype), q, dk)
+    return dk, dv, dst
 
 
 @triton.jit
@@ -136,8 +145,8 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
                 q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L,
                                                  stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
                                                  T, HEAD_DIM)
-                visible = row_ok[:, None] & key_ok[None, :] & (t[:, None] >= keys[None, :])
-                dk, dv, ds = _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible, qk_scale)
+                visible_t = key_ok[:, None] & row_ok[None, :] & (t[None, :] >= keys[:, None])
+                dk, dv, dst = _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible_t, qk_scale)
             # Routed: the queries of head h that chose block b, from the bucket of each chunk. A routed
             # block lies wholly before its queries' own block: no causal mask.
             for c in range(n_chunks):
@@ -150,10 +159,10 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
                     q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L,
                                                      stride_qb, stride_qs, stride_qh, stride_db, stride_ds,
                                                      stride_dh, T, HEAD_DIM)
-                    visible = row_ok[:, None] & key_ok[None, :]
-                    dk, dv, ds = _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible, qk_scale)
+                    visible_t = key_ok[:, None] & row_ok[None, :]
+                    dk, dv, dst = _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible_t, qk_scale)
                     if ATOMIC_DQ:                              # dq_acc[h, t] += dS K (unscaled, float32)
-                        dq = tl.dot(ds.to(k.dtype), k)
+                        dq = tl.dot(tl.trans(dst.to(k.dtype)), k)
                         acc_rows = (h.to(tl.int64) * T + t) * BLOCK_D
                         tl.atomic_add(dq_acc_ptr + acc_rows[:, None] + offs_d[None, :], dq, mask=row_ok[:, None],
                                       sem="relaxed")
@@ -249,12 +258,13 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, routed_d
 
 
 def launch_config(head_dim: int) -> dict:
-    """Tiles and warps. Under the interpreter the smallest tiles tl.dot takes. On a GPU a key tile of
-    BLOCK_N keys keeps float32 dK and dV [BLOCK_N, D] in registers while query tiles of BLOCK_M stream
-    past (FlashAttention-2's backward shape); the dQ kernel's query tile is the router's."""
+    """Tiles and warps. Under the interpreter the smallest tiles tl.dot takes. On a GPU (the H200 sweep
+    in figures/bench/h200/bwd_tiles-*.json), key tiles of 128 keys with float32 dK and dV [128, D] in
+    registers of 8 warps, and query tiles of 32 streaming past: FlashAttention-2's Triton backward shape.
+    The dQ kernel's query tile is the router's (64)."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
 
 
 def sorted_pairs(sched: Schedule) -> torch.Tensor:
@@ -271,14 +281,14 @@ def sorted_pairs(sched: Schedule) -> torch.Tensor:
 def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, routed: torch.Tensor, lay: Layout, scale: float,
                   deterministic: bool | None = None, partial_budget: int | None = None,
-                  dlse: torch.Tensor | None = None):
+                  dlse: torch.Tensor | None = None, config: dict | None = None):
     """Gradients of MoBA given the forward's o, lse [Hq, T] and routing `routed` int32 [Hq, T, R].
 
     do, q, o [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; lay: router.layout(...) of the input.
     Returns dq, dk, dv (each in its input's layout and dtype). `deterministic` defaults to
     torch.are_deterministic_algorithms_enabled(); `partial_budget` bounds its float32 partial buffer
     (bytes; default twice the size of q). dlse float32 [Hq, T], a gradient on lse, enters as
-    Delta - dlse (op.py's docstring says why).
+    Delta - dlse (op.py's docstring says why). config overrides `launch_config` (the benchmark's tile sweep).
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -289,7 +299,7 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if lay.T == 0:
         return dq, dk, dv
     block_d = max(16, triton.next_power_of_2(D))
-    cfg = launch_config(D)
+    cfg = dict(launch_config(D), **(config or {}))
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     warps = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
     dims = dict(HEAD_DIM=D, BLOCK_D=block_d)
