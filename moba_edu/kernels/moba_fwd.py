@@ -173,6 +173,12 @@ def tiles_per_chunk(lay: Layout, Hq: int, R: int, block_d: int, element_size: in
     return max(1, budget // (per_token * lay.QT))
 
 
+def default_partial_budget(q: torch.Tensor) -> int:
+    """Bytes for the routed partials: twice the size of q (at least 64 MiB), so that the forward's
+    extra memory stays within the size of q, k, v and o."""
+    return max(2 * q.numel() * q.element_size(), 2**26)
+
+
 def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple, block_size: int,
                  top_k: int, scale: float, partial_budget: int | None = None, config: dict | None = None):
     """MoBA forward over sequences of the given lengths.
@@ -188,7 +194,7 @@ def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tup
     block_d = max(16, triton.next_power_of_2(D))
     routed = route(q, block_means(k, lay), lay, top_k)
     R = routed.shape[-1]
-    budget = partial_budget if partial_budget is not None else max(2 * q.numel() * q.element_size(), 2**26)
+    budget = partial_budget if partial_budget is not None else default_partial_budget(q)
     sched = schedule(routed, lay, tiles_per_chunk(lay, Hq, R, block_d, q.element_size(), budget))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(Hq, lay.T, dtype=torch.float32, device=q.device)

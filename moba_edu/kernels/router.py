@@ -188,10 +188,44 @@ def _insert(gates, j0, top_v, top_i, ROUTED_PAD: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
+def _bf16_pieces(x):
+    """x float32 -> (hi, mid, lo) bfloat16 with hi + mid + lo == x exactly: each piece takes the next
+    8 significant bits (x - hi is exact in float32, and so is the next remainder)."""
+    hi = x.to(tl.bfloat16)
+    rest = x - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    return hi, mid, (rest - mid.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _exact_gates(q_pieces, means_t, Q_PIECES: tl.constexpr):
+    """[BM, BN] float32 gates q . mean on the tensor cores, as a float32 dot product: the means
+    [BD, BN] are split into three bfloat16 pieces, q into Q_PIECES (1 for bfloat16, 2 for float16, 3
+    for float32 inputs), every product of bfloat16 pieces is exact in float32 and the tensor cores
+    accumulate in float32, so only the accumulation rounds, as in an FMA dot (and unlike TF32, which
+    rounds the operands to 11 bits). Smallest terms first."""
+    q_hi, q_mid, q_lo = q_pieces
+    m_hi, m_mid, m_lo = _bf16_pieces(means_t)
+    gates = tl.dot(q_hi, m_lo, tl.zeros((q_hi.shape[0], m_hi.shape[1]), tl.float32))
+    if Q_PIECES >= 3:
+        gates = tl.dot(q_lo, m_lo, gates)
+        gates = tl.dot(q_lo, m_mid, gates)
+        gates = tl.dot(q_lo, m_hi, gates)
+    if Q_PIECES >= 2:
+        gates = tl.dot(q_mid, m_lo, gates)
+        gates = tl.dot(q_mid, m_mid, gates)
+        gates = tl.dot(q_mid, m_hi, gates)
+    gates = tl.dot(q_hi, m_mid, gates)
+    return tl.dot(q_hi, m_hi, gates)
+
+
+@triton.jit
 def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_qs, stride_qh,
                   T, NB, GROUP, block_size, R,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED_PAD: tl.constexpr):
+                  BLOCK_N: tl.constexpr, ROUTED_PAD: tl.constexpr, Q_PIECES: tl.constexpr):
+    """Q_PIECES > 0: gates by `_exact_gates` (GPU); 0: by an ieee float32 `tl.dot` (the interpreter,
+    whose bfloat16 arithmetic is wrong, triton #11584)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     token0 = tl.load(tiles_ptr + 4 * tile)
@@ -199,10 +233,13 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_
     rows = tl.load(tiles_ptr + 4 * tile + 2)
     block0 = tl.load(tiles_ptr + 4 * tile + 3)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < rows
     t = token0 + offs_m
-    q_ptrs = q_ptr + row_offset(t, h, L, stride_qb, stride_qs, stride_qh)[:, None] + offs_k[None, :]
+    q_ptrs = q_ptr + row_offset(t, h, L, stride_qb, stride_qs, stride_qh)[:, None] + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+    if Q_PIECES > 0:
+        q_pieces = _bf16_pieces(q)
     own = pos0 // block_size                     # the whole tile lies in one block: blocks j < own eligible
     slots = tl.arange(0, ROUTED_PAD)
     top_v = tl.where(slots[None, :] < R, -float("inf"), float("inf")) + tl.zeros((BLOCK_M, ROUTED_PAD), tl.float32)
@@ -210,15 +247,11 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_
     means_base = means_ptr + ((h // GROUP) * NB + block0).to(tl.int64) * BLOCK_D
     for j0 in range(0, own, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        # [BM, BN] float32 gates, unscaled, as an ieee (FMA) dot over head-dim slices of BLOCK_K: the
-        # FMA dot holds each thread's rows over the whole reduction in registers, so a 128-wide one
-        # spills; q's slices are re-read from L1/L2 each block tile (half the bytes of the means).
-        gates = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
-            q = tl.load(q_ptrs + k0, mask=row_ok[:, None] & (k0 + offs_k < HEAD_DIM)[None, :], other=0.0)
-            means_t = tl.load(means_base + j[None, :] * BLOCK_D + (k0 + offs_k)[:, None], mask=(j < own)[None, :],
-                              other=0.0)
-            gates = tl.dot(q.to(tl.float32), means_t, gates, input_precision="ieee")
+        means_t = tl.load(means_base + j[None, :] * BLOCK_D + offs_d[:, None], mask=(j < own)[None, :], other=0.0)
+        if Q_PIECES > 0:
+            gates = _exact_gates(q_pieces, means_t, Q_PIECES)
+        else:
+            gates = tl.dot(q, means_t, input_precision="ieee")      # [BM, BN] float32, unscaled
         gates = tl.where(row_ok[:, None] & (j < own)[None, :], gates, -float("inf"))
         top_v, top_i = _insert(gates, j0, top_v, top_i, ROUTED_PAD, BLOCK_N)
     # Emit by descending gate: R passes of "take the row's best remaining slot".
@@ -240,10 +273,11 @@ def route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int) -> torc
     if R == 0 or lay.NT == 0:
         return routed
     block_d = means.shape[-1]
-    block_n, block_k = (16, block_d) if INTERPRET else (64, 16)
+    q_pieces = 0 if INTERPRET else {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 3)
     _route_kernel[(lay.NT, Hq)](q, means, routed, lay.tiles, lay.L, *strides(q), lay.T, lay.NB,
                                 Hq // means.shape[0], lay.block_size, R, HEAD_DIM=D, BLOCK_D=block_d,
-                                BLOCK_M=lay.QT, BLOCK_N=block_n, BLOCK_K=block_k, ROUTED_PAD=triton.next_power_of_2(R),
+                                BLOCK_M=lay.QT, BLOCK_N=16 if INTERPRET else 64,
+                                ROUTED_PAD=triton.next_power_of_2(R), Q_PIECES=q_pieces,
                                 **({} if INTERPRET else dict(num_warps=8, num_stages=2)))
     return routed
 
