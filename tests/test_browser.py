@@ -190,8 +190,8 @@ def test_dashboard_renders_and_follows_a_slider(chromium, lab, tmp_path):
             page.get_by_role("menuitem", name="Run", exact=True).click()
             page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
             prompts = notebook.locator(".jp-CodeCell .jp-InputPrompt")
-            n_code = prompts.count()
-            assert n_code == sum(c.cell_type == "code" for c in nbformat.read(NOTEBOOK, as_version=4).cells)
+            n_code = sum(c.cell_type == "code" for c in nbformat.read(NOTEBOOK, as_version=4).cells)
+            expect(prompts).to_have_count(n_code, timeout=120_000)  # a loaded machine renders cells late
             errors = notebook.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
                                       has_text="Traceback")
             wait_for_all_cells(prompts, errors, n_code, timeout_s=300)
