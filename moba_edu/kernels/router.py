@@ -1,9 +1,17 @@
 """The MoBA router in Triton, and the schedule the forward and backward kernels share.
 
 Semantics are routing.py's (DESIGN.md §1): block means in float32 over real tokens, gates
-q_t . mean_k(j) as float32 dot products (`tl.dot(..., input_precision="ieee")`, never TF32), block j
-eligible for query t only if j < t // block_size, the own block always attended and not counted among
-the `top_k - 1` routed ones, query head h reading key head h // g, blocks restarting at every sequence.
+q_t . mean_k(j) as float32 dot products (never TF32), block j eligible for query t only if
+j < t // block_size, the own block always attended and not counted among the `top_k - 1` routed
+ones, query head h reading key head h // g, blocks restarting at every sequence.
+
+How the float32 gates are computed. Under the interpreter: `tl.dot(..., input_precision="ieee")`.
+On a GPU that FMA dot ran 10-17x over the router's floor on the H200 (notes/gpu_forward.md), so the
+gates run on the tensor cores *exactly*: each float32 mean is split into three bfloat16 pieces whose
+sum is the mean exactly, q (bfloat16) is one piece (float16: two, float32: three), every product of
+two bfloat16 pieces is exact in float32 and the tensor cores accumulate in float32. Only the
+accumulation rounds, as in the FMA dot; TF32 instead rounds both operands to 11 bits
+(`_exact_gates`). DESIGN.md §1 names the ieee dot; this computes the same float32 dot product.
 
 Data structures (the backward, kernels/moba_bwd.py, reads these; keep them stable)
 ==================================================================================
@@ -39,7 +47,7 @@ Kernels
 =======
 `_block_means_kernel`: one program per (key block, kv head) sums the block's keys in float32.
 `_route_kernel`: one program per (query tile, query head) streams over the eligible blocks' means
-BN at a time, computes the [QT, BN] gates with an ieee float32 dot, and keeps each row's running top-R
+BN at a time, computes the [QT, BN] float32 gates (above), and keeps each row's running top-R
 in registers (values and indices [QT, RP]): a candidate is inserted only if it beats the row's current
 R-th best, so after the first few block tiles insertions are rare and the loop costs little beside the
 dot. No [S, N] gate matrix is ever written: the router reads q once and writes R int32 per query.
