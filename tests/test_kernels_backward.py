@@ -162,6 +162,16 @@ def backward_of(q, k, v, do, lengths, block_size, top_k, **kwargs):
     return moba_backward(do, q, k, v, o, lse, sched.routed, sched.layout, 0.25, **kwargs)
 
 
+def test_wide_offsets_agree():
+    """WIDE (64-bit offsets inside a sequence, for sequences spanning 2**31 elements) computes the same."""
+    gen = torch.Generator().manual_seed(14)
+    q, k, v, do = (torch.randn(2, h, 30, 16, generator=gen) for h in (2, 1, 1, 2))
+    for deterministic in (False, True):
+        narrow = backward_of(q, k, v, do, (30, 30), 8, 3, deterministic=deterministic)
+        wide = backward_of(q, k, v, do, (30, 30), 8, 3, deterministic=deterministic, config={"WIDE": True})
+        assert all(torch.equal(a, b) for a, b in zip(narrow, wide))
+
+
 def test_deterministic_mode_is_bitwise_reproducible():
     """torch.use_deterministic_algorithms(True): sorted buckets, per-slot dQ partials summed in order,
     chunked. Repeats give the same bits; other chunk sizes (which regroup the dK, dV sums into other

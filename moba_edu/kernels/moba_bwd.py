@@ -63,16 +63,33 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, L, stride_ob, stride_os, stride_oh, 
 
 
 @triton.jit
-def _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L, stride_qb, stride_qs, stride_qh,
-                stride_db, stride_ds, stride_dh, T, HEAD_DIM: tl.constexpr):
-    """Load what a query tile brings to the backward: q, dO [M, BLOCK_D] rows of tokens t (head h),
-    lse * log2(e) and Delta [M] (zeros on masked rows)."""
+def _rel(t, t0, WIDE: tl.constexpr):
+    """t - t0 as the offsets' integer type: int32, or int64 when WIDE."""
+    rel = t - t0
+    if WIDE:
+        rel = rel.to(tl.int64)
+    return rel
+
+
+@triton.jit
+def _rows(ptr, t0, t, h, L, stride_b, stride_s, stride_h, offs_d, WIDE: tl.constexpr):
+    """[M, BLOCK_D] addresses of rows (token t, head h), every t in token t0's sequence: one 64-bit base,
+    router.row_offset of t0, plus 32-bit offsets from it. (router.row_offset per row, a 64-bit t // L
+    and t % L for each, held so many registers that the kernels spilled kilobytes per thread.) WIDE:
+    a sequence spans 2**31 elements or more, so the offsets stay 64-bit."""
+    base = ptr + row_offset(t0, h, L, stride_b, stride_s, stride_h)
+    return base + (_rel(t, t0, WIDE) * stride_s)[:, None] + offs_d[None, :]
+
+
+@triton.jit
+def _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t0, t, h, row_ok, offs_d, L, stride_qb, stride_qs, stride_qh,
+                stride_db, stride_ds, stride_dh, T, HEAD_DIM: tl.constexpr, WIDE: tl.constexpr):
+    """Load what a query tile brings to the backward: q, dO [M, BLOCK_D] rows of tokens t (head h; all in
+    token t0's sequence), lse * log2(e) and Delta [M] (zeros on masked rows)."""
     ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + row_offset(t, h, L, stride_qb, stride_qs, stride_qh)[:, None] + offs_d[None, :], mask=ok,
-                other=0.0)
-    do = tl.load(do_ptr + row_offset(t, h, L, stride_db, stride_ds, stride_dh)[:, None] + offs_d[None, :], mask=ok,
-                 other=0.0)
-    row = h.to(tl.int64) * T + t
+    q = tl.load(_rows(q_ptr, t0, t, h, L, stride_qb, stride_qs, stride_qh, offs_d, WIDE), mask=ok, other=0.0)
+    do = tl.load(_rows(do_ptr, t0, t, h, L, stride_db, stride_ds, stride_dh, offs_d, WIDE), mask=ok, other=0.0)
+    row = h.to(tl.int64) * T + t0 + (t - t0)
     lse2 = tl.load(lse_ptr + row, mask=row_ok, other=0.0) * LOG2E_K
     delta = tl.load(delta_ptr + row, mask=row_ok, other=0.0)
     return q, do, lse2, delta
@@ -117,7 +134,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
                  stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs,
                  stride_dvh, T, Hq, NB, GROUP, R, n_chunks, scale, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TILES_PER_BLOCK: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                 TILES_PER_BLOCK: tl.constexpr, ATOMIC_DQ: tl.constexpr, WIDE: tl.constexpr):
     """dK, dV of one key tile, and by atomics the routed queries' dQ terms; grid (NB * TILES_PER_BLOCK, Hkv)."""
     b = tl.program_id(0) // TILES_PER_BLOCK
     hk = tl.program_id(1)
@@ -130,10 +147,8 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         kv_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k_rows = row_offset(keys, hk, L, stride_kb, stride_ks, stride_kh)
-        v_rows = row_offset(keys, hk, L, stride_vb, stride_vs, stride_vh)
-        k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(_rows(k_ptr, n0, keys, hk, L, stride_kb, stride_ks, stride_kh, offs_d, WIDE), mask=kv_ok, other=0.0)
+        v = tl.load(_rows(v_ptr, n0, keys, hk, L, stride_vb, stride_vs, stride_vh, offs_d, WIDE), mask=kv_ok, other=0.0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         for j in range(GROUP):                                 # the g query heads that read this kv head
@@ -142,9 +157,9 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
             for m0 in range(n0, block_end, BLOCK_M):
                 t = m0 + offs_m
                 row_ok = t < block_end
-                q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L,
+                q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, n0, t, h, row_ok, offs_d, L,
                                                  stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
-                                                 T, HEAD_DIM)
+                                                 T, HEAD_DIM, WIDE)
                 visible_t = key_ok[:, None] & row_ok[None, :] & (t[None, :] >= keys[:, None])
                 dk, dv, dst = _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible_t, qk_scale)
             # Routed: the queries of head h that chose block b, from the bucket of each chunk. A routed
@@ -156,20 +171,20 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
                 for m0 in range(lo, hi, BLOCK_M):
                     row_ok = m0 + offs_m < hi
                     t = tl.load(pair_slot + m0 + offs_m, mask=row_ok, other=0) // R
-                    q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L,
+                    q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, n0, t, h, row_ok, offs_d, L,
                                                      stride_qb, stride_qs, stride_qh, stride_db, stride_ds,
-                                                     stride_dh, T, HEAD_DIM)
+                                                     stride_dh, T, HEAD_DIM, WIDE)
                     visible_t = key_ok[:, None] & row_ok[None, :]
                     dk, dv, dst = _accumulate_kv(dk, dv, q, do, lse2, delta, k, v, visible_t, qk_scale)
                     if ATOMIC_DQ:                              # dq_acc[h, t] += dS K (unscaled, float32)
                         dq = tl.dot(tl.trans(dst.to(k.dtype)), k)
-                        acc_rows = (h.to(tl.int64) * T + t) * BLOCK_D
-                        tl.atomic_add(dq_acc_ptr + acc_rows[:, None] + offs_d[None, :], dq, mask=row_ok[:, None],
-                                      sem="relaxed")
-        dk_rows = row_offset(keys, hk, L, stride_dkb, stride_dks, stride_dkh)
-        dv_rows = row_offset(keys, hk, L, stride_dvb, stride_dvs, stride_dvh)
-        tl.store(dk_ptr + dk_rows[:, None] + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
-        tl.store(dv_ptr + dv_rows[:, None] + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
+                        acc = dq_acc_ptr + (h.to(tl.int64) * T + n0) * BLOCK_D
+                        tl.atomic_add(acc + (_rel(t, n0, WIDE) * BLOCK_D)[:, None] + offs_d[None, :], dq,
+                                      mask=row_ok[:, None], sem="relaxed")
+        tl.store(_rows(dk_ptr, n0, keys, hk, L, stride_dkb, stride_dks, stride_dkh, offs_d, WIDE),
+                 (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
+        tl.store(_rows(dv_ptr, n0, keys, hk, L, stride_dvb, stride_dvs, stride_dvh, offs_d, WIDE),
+                 dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
@@ -177,7 +192,8 @@ def _dq_routed_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, part_ptr,
                       pair_slot, L, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                       stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
                       T, Hq, NB, GROUP, R, chunk, chunk_token0, chunk_len, qk_scale,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      WIDE: tl.constexpr):
     """Deterministic routed dQ of one chunk: part[h, t - chunk_token0, r] = sum over block b's keys of
     dS K for every pair (t, r) of bucket (chunk, b, h); grid (NB, Hq)."""
     b = tl.program_id(0)
@@ -195,22 +211,23 @@ def _dq_routed_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, part_ptr,
         row_ok = m0 + offs_m < hi
         pair = tl.load(pair_slot + m0 + offs_m, mask=row_ok, other=0)
         t = pair // R
-        q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L,
+        q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, token0, t, h, row_ok, offs_d, L,
                                          stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
-                                         T, HEAD_DIM)
+                                         T, HEAD_DIM, WIDE)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for n0 in range(token0, block_end, BLOCK_N):
             keys = n0 + offs_n
             key_ok = keys < block_end
             kv_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-            k = tl.load(k_ptr + row_offset(keys, hk, L, stride_kb, stride_ks, stride_kh)[:, None] + offs_d[None, :],
-                        mask=kv_ok, other=0.0)
-            v = tl.load(v_ptr + row_offset(keys, hk, L, stride_vb, stride_vs, stride_vh)[:, None] + offs_d[None, :],
-                        mask=kv_ok, other=0.0)
+            k = tl.load(_rows(k_ptr, token0, keys, hk, L, stride_kb, stride_ks, stride_kh, offs_d, WIDE), mask=kv_ok,
+                        other=0.0)
+            v = tl.load(_rows(v_ptr, token0, keys, hk, L, stride_vb, stride_vs, stride_vh, offs_d, WIDE), mask=kv_ok,
+                        other=0.0)
             p, ds = _tile_scores(q, do, lse2, delta, k, v, row_ok[:, None] & key_ok[None, :], qk_scale)
             acc = tl.dot(ds.to(k.dtype), k, acc)
-        part = ((h * chunk_len + t - chunk_token0).to(tl.int64) * R + pair % R) * BLOCK_D
-        tl.store(part_ptr + part[:, None] + offs_d[None, :], acc, mask=row_ok[:, None])
+        base = part_ptr + (h * chunk_len + token0 - chunk_token0).to(tl.int64) * R * BLOCK_D
+        rows = (_rel(t, token0, WIDE) * R + pair % R) * BLOCK_D
+        tl.store(base + rows[:, None] + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -219,7 +236,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, routed_d
                stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh,
                T, GROUP, tile0, chunk_token0, chunk_len, block_size, scale, qk_scale,
                SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
     """dQ of one query tile (router.py's tiles): own block up to the diagonal, plus the routed terms
     routed_dq [Hq, chunk_len, SLOTS, BLOCK_D] float32 (SLOTS = 1: the atomic accumulator; else the R
     slots, summed in order); grid (tiles of the chunk, Hq)."""
@@ -234,27 +251,27 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, routed_d
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < rows
     t = token0 + offs_m
-    q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, row_ok, offs_d, L,
-                                     stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh, T, HEAD_DIM)
+    q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, token0, t, h, row_ok, offs_d, L,
+                                     stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh, T, HEAD_DIM,
+                                     WIDE)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     block_token0 = token0 - pos0 % block_size                 # the own block's first key
     for n0 in range(block_token0, token0 + rows, BLOCK_N):   # keys up to the tile's last row
         keys = n0 + offs_n
         kv_ok = (keys < token0 + rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(k_ptr + row_offset(keys, hk, L, stride_kb, stride_ks, stride_kh)[:, None] + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        v = tl.load(v_ptr + row_offset(keys, hk, L, stride_vb, stride_vs, stride_vh)[:, None] + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
+        k = tl.load(_rows(k_ptr, token0, keys, hk, L, stride_kb, stride_ks, stride_kh, offs_d, WIDE), mask=kv_ok,
+                    other=0.0)
+        v = tl.load(_rows(v_ptr, token0, keys, hk, L, stride_vb, stride_vs, stride_vh, offs_d, WIDE), mask=kv_ok,
+                    other=0.0)
         visible = row_ok[:, None] & (t[:, None] >= keys[None, :])   # causal; also hides keys past the tile
         p, ds = _tile_scores(q, do, lse2, delta, k, v, visible, qk_scale)
         acc = tl.dot(ds.to(k.dtype), k, acc)
-    part = (h * chunk_len + t - chunk_token0).to(tl.int64) * SLOTS
+    base = routed_dq_ptr + (h * chunk_len + token0 - chunk_token0).to(tl.int64) * SLOTS * BLOCK_D
+    rows = _rel(t, token0, WIDE) * SLOTS * BLOCK_D
     for r in range(SLOTS):                                    # fixed order: deterministic
-        acc += tl.load(routed_dq_ptr + ((part + r) * BLOCK_D)[:, None] + offs_d[None, :], mask=row_ok[:, None],
-                       other=0.0)
-    dq_rows = row_offset(t, h, L, stride_dqb, stride_dqs, stride_dqh)
-    tl.store(dq_ptr + dq_rows[:, None] + offs_d[None, :], (acc * scale).to(dq_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+        acc += tl.load(base + (rows + r * BLOCK_D)[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    tl.store(_rows(dq_ptr, token0, t, h, L, stride_dqb, stride_dqs, stride_dqh, offs_d, WIDE),
+             (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 def launch_config(head_dim: int) -> dict:
@@ -288,7 +305,7 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     Returns dq, dk, dv (each in its input's layout and dtype). `deterministic` defaults to
     torch.are_deterministic_algorithms_enabled(); `partial_budget` bounds its float32 partial buffer
     (bytes; default twice the size of q). dlse float32 [Hq, T], a gradient on lse, enters as
-    Delta - dlse (op.py's docstring says why). config overrides `launch_config` (the benchmark's tile sweep).
+    Delta - dlse (op.py's docstring says why). config overrides `launch_config` (the benchmark's tile sweep; tests force WIDE).
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -312,18 +329,22 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         sched = schedule(routed, lay, tiles_per_chunk(lay, Hq, R, block_d, 4, budget))
         pair_slot = sorted_pairs(sched)
     delta = torch.empty(Hq, lay.T, dtype=torch.float32, device=q.device)
-    _delta_kernel[(triton.cdiv(lay.T, 64), Hq)](o, do, delta, lay.L, *strides(o), *strides(do), lay.T,
-                                                BLOCK_T=64, **dims)
+    _delta_kernel[(triton.cdiv(lay.T, 32), Hq)](o, do, delta, lay.L, *strides(o), *strides(do), lay.T,
+                                                BLOCK_T=32, **dims, num_warps=8)  # 32 rows: no spills at D = 128
     if dlse is not None:
         delta -= dlse
     common = (lay.L, *strides(q), *strides(k), *strides(v), *strides(do))
+    # Offsets inside one sequence are 32-bit unless a sequence spans 2**31 elements of some tensor.
+    longest = lay.max_blocks * lay.block_size
+    wide = cfg.get("WIDE", longest * max([strides(x)[1] for x in (q, k, v, do, dq, dk, dv)] + [block_d * max(R, 1)])
+                   >= 2**31)
     dq_acc = torch.zeros(Hq, lay.T, 1, block_d, dtype=torch.float32, device=q.device) if atomic else delta
     tiles_per_block = triton.cdiv(lay.block_size, BN)
     _dkdv_kernel[(lay.NB * tiles_per_block, Hkv)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, lay.blocks, sched.pair_offsets, pair_slot, *common,
         *strides(dk), *strides(dv), lay.T, Hq, lay.NB, Hq // Hkv, max(R, 1), sched.n_chunks if R else 0,
         scale, scale * LOG2E, BLOCK_M=BM, BLOCK_N=BN, TILES_PER_BLOCK=tiles_per_block, ATOMIC_DQ=atomic,
-        **dims, **warps)
+        WIDE=wide, **dims, **warps)
     for c in range(1 if atomic else sched.n_chunks):
         token0, token1 = (0, lay.T) if atomic else sched.chunk_tokens[c:c + 2]
         tile0, tile1 = (0, lay.NT) if atomic else (c * sched.tiles_per_chunk,
@@ -335,9 +356,9 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                 _dq_routed_kernel[(lay.NB, Hq)](
                     q, k, v, do, lse, delta, routed_dq, lay.blocks, sched.pair_offsets, pair_slot, *common,
                     lay.T, Hq, lay.NB, Hq // Hkv, R, c, token0, token1 - token0, scale * LOG2E,
-                    BLOCK_M=BM, BLOCK_N=BN, **dims, **warps)
+                    BLOCK_M=BM, BLOCK_N=BN, WIDE=wide, **dims, **warps)
         _dq_kernel[(tile1 - tile0, Hq)](
             q, k, v, do, lse, delta, dq, routed_dq, lay.tiles, *common, *strides(dq),
             lay.T, Hq // Hkv, tile0, token0, token1 - token0, lay.block_size, scale, scale * LOG2E,
-            SLOTS=routed_dq.shape[2], BLOCK_M=lay.QT, BLOCK_N=BN, **dims, **warps)
+            SLOTS=routed_dq.shape[2], BLOCK_M=lay.QT, BLOCK_N=BN, WIDE=wide, **dims, **warps)
     return dq, dk, dv
