@@ -179,7 +179,10 @@ def _measure_tiles(params: dict, out_dir: Path) -> dict:
     with torch.no_grad():
         o, lse, routed = moba_fwd(q, k, v, [S], bs, top_k, HEAD_DIM ** -0.5)
     lay = layout((S,), bs, q.device, True)
-    run = lambda config=None: moba_backward(do, q, k, v, o, lse, routed, lay, HEAD_DIM ** -0.5, config=config)  # noqa: E731
+
+    def run(config=None):
+        return moba_backward(do, q, k, v, o, lse, routed, lay, HEAD_DIM ** -0.5, config=config)
+
     reference = run()
     rows = []
     for config in TILES:

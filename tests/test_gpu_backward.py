@@ -120,11 +120,11 @@ class TinyLM(torch.nn.Module):
     def __init__(self, vocab=97, dim=256, heads=4, kv_heads=2, impl="triton"):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, dim)
-        self.blocks = torch.nn.ModuleList(
-            torch.nn.ModuleDict(dict(norm1=torch.nn.LayerNorm(dim), qkv=torch.nn.Linear(dim, dim + 2 * dim * kv_heads // heads),
-                                     out=torch.nn.Linear(dim, dim), norm2=torch.nn.LayerNorm(dim),
-                                     mlp=torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(),
-                                                             torch.nn.Linear(4 * dim, dim))))
+        nn = torch.nn
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(dict(norm1=nn.LayerNorm(dim), qkv=nn.Linear(dim, dim + 2 * dim * kv_heads // heads),
+                               out=nn.Linear(dim, dim), norm2=nn.LayerNorm(dim),
+                               mlp=nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))))
             for _ in range(2))
         self.heads, self.kv_heads, self.impl = heads, kv_heads, impl
 
@@ -164,8 +164,10 @@ def test_training_steps_track_naive():
 
 def sanitize_shapes():
     """Backward kernels (atomic and deterministic) at one aligned and one ragged shape (S <= 4K), for
-    compute-sanitizer: PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 tests/test_gpu_backward.py"""
-    for lengths, Hq, Hkv, D, block_size, top_k in [((4096,), 4, 2, 128, 256, 4), ((1000, 0, 1, 2777), 4, 1, 96, 100, 5)]:
+    compute-sanitizer (from the repository root, with PYTHONPATH=.):
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 tests/test_gpu_backward.py"""
+    shapes = [((4096,), 4, 2, 128, 256, 4), ((1000, 0, 1, 2777), 4, 1, 96, 100, 5)]
+    for lengths, Hq, Hkv, D, block_size, top_k in shapes:
         T = sum(lengths)
         q, k, v = random_qkv((T, Hq, D), (T, Hkv, D), torch.bfloat16, 18)
         do = random_qkv((T, Hq, D), (T, Hq, D), torch.bfloat16, 19)[0]

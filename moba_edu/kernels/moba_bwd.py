@@ -305,7 +305,8 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     Returns dq, dk, dv (each in its input's layout and dtype). `deterministic` defaults to
     torch.are_deterministic_algorithms_enabled(); `partial_budget` bounds its float32 partial buffer
     (bytes; default twice the size of q). dlse float32 [Hq, T], a gradient on lse, enters as
-    Delta - dlse (op.py's docstring says why). config overrides `launch_config` (the benchmark's tile sweep; tests force WIDE).
+    Delta - dlse (op.py's docstring says why). config overrides `launch_config` (the benchmark's tile
+    sweep) and may force WIDE (tests).
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -338,6 +339,7 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     longest = lay.max_blocks * lay.block_size
     wide = cfg.get("WIDE", longest * max([strides(x)[1] for x in (q, k, v, do, dq, dk, dv)] + [block_d * max(R, 1)])
                    >= 2**31)
+    # The atomic path's dQ accumulator (deterministic mode passes delta as a placeholder it never touches).
     dq_acc = torch.zeros(Hq, lay.T, 1, block_d, dtype=torch.float32, device=q.device) if atomic else delta
     tiles_per_block = triton.cdiv(lay.block_size, BN)
     _dkdv_kernel[(lay.NB * tiles_per_block, Hkv)](
