@@ -14,6 +14,7 @@ explicit impl raises it; impl="auto" falls back to the torch rung instead.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import torch
