@@ -41,7 +41,7 @@ import triton.language as tl
 
 from . import INTERPRET
 from .moba_fwd import tiles_per_chunk
-from .router import Layout, Schedule, row_offset, schedule, strides
+from .router import Layout, Schedule, row_offset, schedule, strides, tile_header
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 LOG2E_K = tl.constexpr(LOG2E)
@@ -243,9 +243,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, routed_d
     tile = tile0 + tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
-    token0 = tl.load(tiles_ptr + 4 * tile)
-    pos0 = tl.load(tiles_ptr + 4 * tile + 1)
-    rows = tl.load(tiles_ptr + 4 * tile + 2)
+    token0, pos0, rows, _ = tile_header(tiles_ptr, tile)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

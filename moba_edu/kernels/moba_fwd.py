@@ -35,13 +35,14 @@ import triton.language as tl
 
 from . import INTERPRET
 from .flash import LN2, LOG2E, attend_tile
-from .router import Layout, block_means, layout, route, row_offset, schedule, strides
+from .router import Layout, block_means, layout, route, row_offset, schedule, strides, tile_header
 
 LOG2E_K = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _routed_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slot, tile_offsets, blocks_ptr,
+def _routed_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slot, tile_offsets, tile_bucket,
+                   blocks_ptr,
                    L, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, Hq, GROUP, R, NB, chunk, chunk_token0, chunk_len,
                    bucket_lo, bucket_hi, block_size, qk_scale,
@@ -52,13 +53,7 @@ def _routed_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slo
     tile = tl.load(tile_offsets + bucket_lo) + tl.program_id(0)
     if tile >= tl.load(tile_offsets + bucket_hi):
         return
-    lo = bucket_lo + 0 * tile          # binary search (over tensors): the bucket whose tiles hold `tile`
-    hi = bucket_hi + 0 * tile
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        right = tl.load(tile_offsets + mid) <= tile
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
+    lo = tl.load(tile_bucket + tile)   # the bucket whose tiles hold `tile` (router.Schedule.tile_table)
     h = lo % Hq
     b = lo // Hq - chunk * NB
     first = tl.load(pair_offsets + lo) + (tile - tl.load(tile_offsets + lo)) * BLOCK_M
@@ -89,7 +84,10 @@ def _routed_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slo
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_block + offs * stride_ks + offs_d[None, :],
                                     v_block + offs * stride_vs + offs_d[None, :], last_key, n0 + offs_n, offs_d,
                                     block_size, qk_scale, HEAD_DIM, DIAGONAL=RAGGED)
-    part = (h * chunk_len + (t - chunk_token0)).to(tl.int64) * R + r
+    # The pairs' rows again (an L2 hit), so that t, r and row_ok need no registers through the loop.
+    row_ok = first + offs_m < tl.load(pair_offsets + lo + 1)
+    slot = tl.load(pair_slot + first + offs_m, mask=row_ok, other=0)
+    part = (h * chunk_len + (slot // R - chunk_token0)).to(tl.int64) * R + slot % R
     tl.store(po_ptr + part[:, None] * BLOCK_D + offs_d[None, :], (acc / l_i[:, None]).to(po_ptr.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(plse_ptr + part, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
@@ -106,9 +104,7 @@ def _own_block_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, routed_ptr, po_ptr, p
     the R routed partials; writes o and lse."""
     tile = tile0 + tl.program_id(0)
     h = tl.program_id(1)
-    token0 = tl.load(tiles_ptr + 4 * tile)
-    pos0 = tl.load(tiles_ptr + 4 * tile + 1)
-    rows = tl.load(tiles_ptr + 4 * tile + 2)
+    token0, pos0, rows, _ = tile_header(tiles_ptr, tile)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -205,7 +201,7 @@ def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tup
     partial_lse = torch.empty(Hq, chunk_len, R, dtype=torch.float32, device=q.device)
     config = config or launch_config(D)
     routed_cfg, own_cfg = config["routed"], config["own"]
-    tile_offsets = sched.tile_offsets(routed_cfg["BLOCK_M"]) if R else None
+    tile_offsets, tile_bucket = sched.tile_table(routed_cfg["BLOCK_M"]) if R else (None, None)
     qk_scale = scale * LOG2E
     dims = dict(HEAD_DIM=D, BLOCK_D=block_d)
     qkv_strides = (*strides(q), *strides(k), *strides(v))
@@ -215,7 +211,8 @@ def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tup
         if R:
             most_tiles = -(-(token1 - token0) * Hq * R // routed_cfg["BLOCK_M"]) + lay.NB * Hq
             _routed_kernel[(most_tiles,)](
-                q, k, v, partial_o, partial_lse, sched.pair_offsets, sched.pair_slot, tile_offsets, lay.blocks,
+                q, k, v, partial_o, partial_lse, sched.pair_offsets, sched.pair_slot, tile_offsets, tile_bucket,
+                lay.blocks,
                 lay.L, *qkv_strides, Hq, Hq // k.shape[1], R, lay.NB, c, token0, chunk_len,
                 bucket_lo, bucket_hi, block_size, qk_scale, RAGGED=block_size % routed_cfg["BLOCK_N"] != 0,
                 **dims, **routed_cfg)

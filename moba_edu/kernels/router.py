@@ -74,9 +74,19 @@ def query_tile() -> int:
 
 @triton.jit
 def row_offset(t, h, L, stride_b, stride_s, stride_h):
-    """Element offset of row (token t, head h), in int64 (a million tokens x 16 heads x 128 passes 2**31)."""
-    t = t.to(tl.int64)
-    return (t // L) * stride_b + (t % L) * stride_s + h.to(tl.int64) * stride_h
+    """Element offset of row (token t, head h), in int64 (a million tokens x 16 heads x 128 passes 2**31).
+    t // L and t % L in int32 (T < 2**31, `schedule` asserts it): a 64-bit division per row is a
+    software routine whose registers made the forward kernels spill (notes/gpu_forward.md)."""
+    t = t.to(tl.int32)
+    return (t // L).to(tl.int64) * stride_b + (t % L).to(tl.int64) * stride_s + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def tile_header(tiles_ptr, tile):
+    """Query tile `tile`'s row of the tiles table: (first token, position in its sequence, rows, global
+    id of its sequence's block 0)."""
+    row = tiles_ptr + 4 * tile
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
 
 
 def strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -236,10 +246,7 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_
     whose bfloat16 arithmetic is wrong, triton #11584)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
-    token0 = tl.load(tiles_ptr + 4 * tile)
-    pos0 = tl.load(tiles_ptr + 4 * tile + 1)
-    rows = tl.load(tiles_ptr + 4 * tile + 2)
-    block0 = tl.load(tiles_ptr + 4 * tile + 3)
+    token0, pos0, rows, block0 = tile_header(tiles_ptr, tile)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < rows
@@ -286,7 +293,9 @@ def route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int) -> torc
                                 Hq // means.shape[0], lay.block_size, R, HEAD_DIM=D, BLOCK_D=block_d,
                                 BLOCK_M=lay.QT, BLOCK_N=16 if INTERPRET else 64,
                                 ROUTED_PAD=triton.next_power_of_2(R), Q_PIECES=q_pieces,
-                                **({} if INTERPRET else dict(num_warps=8, num_stages=2)))
+                                # 4 warps: 232 registers, so two programs share an SM and hide each
+                                # other's load latency (8 warps: 158 registers, one program per SM).
+                                **({} if INTERPRET else dict(num_warps=4, num_stages=2)))
     return routed
 
 
@@ -311,12 +320,18 @@ class Schedule:
         n = self.layout.NB * self.Hq
         return chunk * n, (chunk + 1) * n
 
-    def tile_offsets(self, rows: int) -> torch.Tensor:
-        """int32 [n_buckets + 1]: where each bucket's tiles of `rows` pairs start in a flat tile numbering
-        (a program finds its bucket by binary search over this)."""
+    def tile_table(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tiles of `rows` pairs, numbered flat over all buckets: tile_offsets int32 [n_buckets + 1], where
+        each bucket's tiles start, and tile_bucket int32 [>= number of tiles], the bucket of each tile
+        (one load per program instead of a binary search of ~12 dependent loads over tile_offsets).
+        The table's length is a bound known on the host (no device sync): every bucket has at most one
+        tile beyond its pairs / rows."""
         counts = self.pair_offsets[1:] - self.pair_offsets[:-1]
         tiles = torch.cumsum((counts + rows - 1) // rows, 0, dtype=torch.int32)
-        return torch.cat([tiles.new_zeros(1), tiles])
+        tile_offsets = torch.cat([tiles.new_zeros(1), tiles])
+        most = -(-self.layout.T * self.Hq * self.R // rows) + counts.numel()
+        flat = torch.arange(most, dtype=torch.int32, device=tiles.device)
+        return tile_offsets, torch.searchsorted(tiles, flat, right=True, out_int32=True)
 
 
 @triton.jit
@@ -325,9 +340,7 @@ def _pairs_kernel(routed_ptr, tiles_ptr, counts_ptr, slot_ptr, T, NB, Hq, R, til
     """Per (query tile, head): count each routed pair into its bucket, or (FILL) scatter it there."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
-    token0 = tl.load(tiles_ptr + 4 * tile)
-    rows = tl.load(tiles_ptr + 4 * tile + 2)
-    block0 = tl.load(tiles_ptr + 4 * tile + 3)
+    token0, _, rows, block0 = tile_header(tiles_ptr, tile)
     t = token0 + tl.arange(0, BLOCK_M)
     r = tl.arange(0, ROUTED_PAD)
     ok = (tl.arange(0, BLOCK_M) < rows)[:, None] & (r < R)[None, :]
