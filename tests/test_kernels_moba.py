@@ -162,3 +162,15 @@ def test_empty_inputs():
     o, lse = me.moba_attention_varlen(q, q, q, torch.tensor([0, 0], dtype=torch.int32), 0, block_size=4, top_k=2,
                                       impl="triton", return_lse=True)
     assert o.shape == q.shape and lse.shape == (2, 0)
+
+
+def test_autocast():
+    """Under torch.autocast the kernels run in the autocast dtype (bfloat16 here: computed in float32
+    by the interpreter), as SDPA does."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 33, 16, generator=gen) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o = me.moba_attention(q, k, v, block_size=8, top_k=2, impl="triton")
+    assert o.dtype == torch.bfloat16
+    o_ref, _ = reference_moba(q.bfloat16(), k.bfloat16(), v.bfloat16(), 8, 2)
+    assert rel_err(o, o_ref) < 1.6e-2
