@@ -19,7 +19,6 @@ takes over 50 ms (dense attention at 128K), to spend little of a GPU lease.
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import torch
@@ -37,22 +36,11 @@ def timed_ms(fn, grad_to_none=None) -> float:
     """Median time of fn in ms: do_bench, or three CUDA-event calls for calls over 50 ms."""
     import triton.testing
 
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    if start.elapsed_time(end) < 50:
+    from .bench import event_ms  # bench.py imports this module: import at call time
+
+    if event_ms(fn, calls=1) < 50:
         return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-    times = []
-    for _ in range(3):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return event_ms(fn, calls=3)
 
 
 _ceilings: dict = {}
