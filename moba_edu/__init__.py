@@ -6,7 +6,9 @@ exercise checks in `moba_edu.checks`, benchmarks in `moba_edu.bench`.
 """
 
 from .api import moba_attention, moba_attention_varlen, moba_attn_varlen
+from .decode import MobaKVCache, moba_decode
 from .routing import Routing, route
 
-__all__ = ["moba_attention", "moba_attention_varlen", "moba_attn_varlen", "route", "Routing"]
+__all__ = ["moba_attention", "moba_attention_varlen", "moba_attn_varlen", "route", "Routing",
+           "MobaKVCache", "moba_decode"]
 __version__ = "0.1.0"
