@@ -172,8 +172,12 @@ def moba_decode(q, cache: MobaKVCache, *, top_k, scale=None, impl="auto", length
     if (lengths > cache.seqlens).any():
         raise ValueError(f"q: {lengths.tolist()} query rows per sequence but the cache holds only "
                          f"{cache.seqlens.tolist()} tokens (append k and v first)")
+    rung = _pick(impl, q)
     with torch.no_grad():
-        o, lse = _pick(impl, q)(q.detach(), cache, top_k, scale, cache.seqlens - lengths, lengths)
+        if int(lengths.sum()) == 0:                                             # no query row at all
+            o, lse = _padded_outputs(q)
+        else:
+            o, lse = rung(q.detach(), cache, top_k, scale, cache.seqlens - lengths, lengths)
     return (o, lse) if return_lse else o
 
 
@@ -194,7 +198,7 @@ def _with_prefill(impl: str, rung):
     """A rung that runs moba_attention_varlen (the forward rung `impl`) when every query row is its
     whole sequence, i.e. a prefill into an empty cache, and `rung` otherwise."""
     def run(q, cache, top_k, scale, start, lengths):
-        if int(start.max()) > 0 or int(lengths.sum()) == 0:
+        if int(start.max()) > 0:
             return rung(q, cache, top_k, scale, start, lengths)
         B, Hq, s, D = q.shape
         valid = torch.arange(s)[None, :] < lengths[:, None]                      # [B, s]

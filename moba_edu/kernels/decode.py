@@ -146,11 +146,11 @@ def _merge_kernel(po_ptr, plse_ptr, len_ptr, o_ptr, lse_ptr, Hq, S, R,
     pairs = (row * Hq + h).to(tl.int64) * (R + 1) + offs_c
     c_ok = offs_c < tl.where(valid, R + 1, 0)                         # none in a padding row
     part_lse = tl.load(plse_ptr + pairs, mask=c_ok, other=-float("inf"))
-    m = tl.max(part_lse, axis=0)
+    m = tl.where(valid, tl.max(part_lse, axis=0), 0.0)                  # finite: the own block has keys
     w = tl.where(c_ok, tl.exp2((part_lse - m) * LOG2E_K), 0.0)             # 0 for an empty slot (lse -inf)
     part_o = tl.load(po_ptr + pairs[:, None] * BLOCK_D + offs_d[None, :], mask=(w > 0)[:, None], other=0.0)
-    total = tl.sum(w, axis=0)
-    o = tl.sum(w[:, None] * part_o, axis=0) / tl.where(valid, total, 1.0)
+    total = tl.where(valid, tl.sum(w, axis=0), 1.0)
+    o = tl.sum(w[:, None] * part_o, axis=0) / total
     out = ((b * Hq + h) * S + i).to(tl.int64)
     tl.store(o_ptr + out * HEAD_DIM + offs_d, o.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
     tl.store(lse_ptr + out, tl.where(valid, m + tl.log2(total) * LN2, -float("inf")))
