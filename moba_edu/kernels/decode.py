@@ -156,40 +156,66 @@ def _merge_kernel(po_ptr, plse_ptr, len_ptr, o_ptr, lse_ptr, Hq, S, R,
     tl.store(lse_ptr + out, tl.where(valid, m + tl.log2(total) * LN2, -float("inf")))
 
 
-def decode(q, cache, top_k: int, scale: float, start: torch.Tensor, lengths: torch.Tensor):
-    """q [B, Hq, s, D] (last dim contiguous after a copy if needed) over cache (decode.MobaKVCache);
-    start, lengths int64 [B] (host) -> o [B, Hq, s, D] (q's dtype), lse float32 [B, Hq, s]."""
-    B, Hq, S, D = q.shape
-    Hkv, bs = cache.num_kv_heads, cache.block_size
+def _prepare(q, cache, start, lengths):
+    """The kernels' operands: q and the pages in float32 under the interpreter for bfloat16 (its bf16
+    arithmetic is wrong), q's last dim contiguous; start and lengths as int32 on q's device."""
     k_pages, v_pages = cache.k_pages, cache.v_pages
-    if INTERPRET and q.dtype == torch.bfloat16:                      # interpreter: bf16 arithmetic is wrong
-        k_pages, v_pages = k_pages.float(), v_pages.float()
-    q32 = q.float() if INTERPRET and q.dtype == torch.bfloat16 else q
-    q32 = q32 if q32.stride(-1) == 1 else q32.contiguous()
+    if INTERPRET and q.dtype == torch.bfloat16:
+        q, k_pages, v_pages = q.float(), k_pages.float(), v_pages.float()
+    q = q if q.stride(-1) == 1 else q.contiguous()
     start_d, len_d = (x.to(q.device, torch.int32) for x in (start, lengths))
-    n_eligible = int(((start + lengths - 1).clamp_min(0) // bs).max()) if B else 0
-    R = min(top_k - 1, n_eligible)
-    block_d = max(16, triton.next_power_of_2(D))
-    routed = torch.empty(B, S, Hq, max(R, 1), dtype=torch.int32, device=q.device)
+    return q, k_pages, v_pages, start_d, len_d
+
+
+def routed_slots(cache, top_k: int, start: torch.Tensor, lengths: torch.Tensor) -> int:
+    """R = min(top_k - 1, most blocks eligible to any query row): routed blocks kept per query."""
+    last = (start + lengths - 1).clamp_min(0)                    # each sequence's last query position
+    return max(0, min(top_k - 1, int((last // cache.block_size).max()) if len(last) else 0))
+
+
+def route_pages(q, cache, top_k: int, start: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Step 1: routed int32 [B, s, Hq, R], block numbers within each sequence (-1: none; any order)."""
+    B, Hq, S, D = q.shape
+    R = routed_slots(cache, top_k, start, lengths)
+    routed = torch.full((B, S, Hq, R), -1, dtype=torch.int32, device=q.device)
+    if R == 0 or B * S == 0:
+        return routed
+    dtype = q.dtype
+    q, _, _, start_d, len_d = _prepare(q, cache, start, lengths)
+    block_m = 16                                                  # tl.dot's smallest tile
+    _route_kernel[(B, Hq, triton.cdiv(S, block_m))](
+        q, cache.means, cache.page_table, start_d, len_d, routed, q.stride(0), q.stride(1), q.stride(2),
+        cache.page_table.stride(0), Hq, cache.num_kv_heads, S, R, cache.block_size, HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else 64,
+        ROUTED_PAD=triton.next_power_of_2(R),
+        Q_PIECES=0 if INTERPRET else {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 3))
+    return routed
+
+
+def attend_pages(q, cache, routed: torch.Tensor, scale: float, start: torch.Tensor, lengths: torch.Tensor):
+    """Steps 2 and 3: o [B, Hq, s, D] (q's dtype; zeros in padding rows) and lse float32 [B, Hq, s]
+    (-inf in padding rows) of each query over its own block and its routed blocks `routed`."""
+    B, Hq, S, D = q.shape
+    R = routed.shape[-1]
     o = torch.empty(B, Hq, S, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     if B * S == 0:
         return o, lse
-    strides_q = (q32.stride(0), q32.stride(1), q32.stride(2))
-    common = (start_d, len_d)
-    if R:
-        block_m = 16                                                  # tl.dot's smallest tile
-        _route_kernel[(B, Hq, triton.cdiv(S, block_m))](
-            q32, cache.means, cache.page_table, *common, routed, *strides_q, cache.page_table.stride(0),
-            Hq, Hkv, S, R, bs, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else 64,
-            ROUTED_PAD=triton.next_power_of_2(R), Q_PIECES=0 if INTERPRET else
-            {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 3))
+    q, k_pages, v_pages, start_d, len_d = _prepare(q, cache, start, lengths)
+    block_d = max(16, triton.next_power_of_2(D))
     partial_o = torch.empty(B * S, Hq, R + 1, block_d, dtype=torch.float32, device=q.device)
     partial_lse = torch.full((B * S, Hq, R + 1), float("-inf"), dtype=torch.float32, device=q.device)
-    block_n = 16 if INTERPRET or bs <= 16 else 64
+    block_n = 16 if INTERPRET or cache.block_size <= 16 else 64
     _attend_kernel[(B * S, Hq, R + 1)](
-        q32, k_pages, v_pages, cache.page_table, *common, routed, partial_o, partial_lse, *strides_q,
-        cache.page_table.stride(0), Hq, Hkv, S, R, bs, scale * LOG2E, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n)
+        q, k_pages, v_pages, cache.page_table, start_d, len_d, routed, partial_o, partial_lse,
+        q.stride(0), q.stride(1), q.stride(2), cache.page_table.stride(0), Hq, cache.num_kv_heads, S, R,
+        cache.block_size, scale * LOG2E, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n)
     _merge_kernel[(B * S, Hq)](partial_o, partial_lse, len_d, o, lse, Hq, S, R, HEAD_DIM=D, BLOCK_D=block_d,
                                CHOSEN_PAD=triton.next_power_of_2(R + 1))
     return o, lse
+
+
+def decode(q, cache, top_k: int, scale: float, start: torch.Tensor, lengths: torch.Tensor):
+    """q [B, Hq, s, D] over cache (decode.MobaKVCache); query rows of sequence b at positions start[b] + i,
+    i < lengths[b] (int64 [B], host) -> o [B, Hq, s, D] (q's dtype), lse float32 [B, Hq, s]."""
+    return attend_pages(q, cache, route_pages(q, cache, top_k, start, lengths), scale, start, lengths)
