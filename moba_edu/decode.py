@@ -183,12 +183,12 @@ def moba_decode(q, cache: MobaKVCache, *, top_k, scale=None, impl="auto", length
 
 def _pick(impl: str, q):
     """The rung function for impl (api.py's rule: auto is triton on CUDA for inputs it takes, else torch)."""
-    if impl in ("triton", "auto"):
+    if impl == "triton" or (impl == "auto" and q.is_cuda):
         from . import kernels
         error = kernels.unsupported(q, q, q)
         if impl == "triton" and error is not None:
             raise error
-        if impl == "triton" or (q.is_cuda and error is None):
+        if error is None:
             from .kernels.decode import decode
             return _with_prefill("triton", decode)
     return naive_decode if impl == "naive" else _with_prefill("torch", torch_decode)
