@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
 # -m gpu -p no:nbval tests` must still collect there): leave out the files that need what is missing.
 # CI and `make test` install everything, and there a missing package is an error, not a skip.
 NEEDS = {"test_browser.py": ("nbformat", "playwright"), "test_student_versions.py": ("nbformat", "nbclient"),
-         "test_packaging.py": ("yaml",), "test_viz.py": ("ipywidgets",), "test_checks_nb04.py": ("ipywidgets",)}
+         "test_packaging.py": ("yaml",), "test_viz.py": ("ipywidgets",), "test_checks_nb04.py": ("ipywidgets",),
+         "test_hf.py": ("transformers",)}
 collect_ignore = [] if os.environ.get("CI") else [
     name for name, modules in NEEDS.items() if any(importlib.util.find_spec(m) is None for m in modules)]
 

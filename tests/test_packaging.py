@@ -23,9 +23,10 @@ def requirement_name(req):
 
 
 def pyproject_dependencies():
+    """Every dependency and every extra's, less the project itself (an extra may name another: moba-edu[hf])."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = project["dependencies"] + project["optional-dependencies"]["dev"]
-    return {requirement_name(r) for r in reqs}
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return {requirement_name(r) for r in reqs} - {normalise(project["name"])}
 
 
 def pins(lines):
