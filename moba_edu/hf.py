@@ -29,7 +29,6 @@ sampled decoding, no beam search (the cache cannot reorder its batch).
 
 from __future__ import annotations
 
-import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
