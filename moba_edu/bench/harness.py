@@ -57,8 +57,10 @@ def register(suite: Suite) -> Suite:
     """Add a suite to the registry (in import order: the order `run` measures them in)."""
     if suite.device not in DEVICE_DIRS:
         raise ValueError(f"suite {suite.name!r}: device must be one of {sorted(DEVICE_DIRS)}, got {suite.device!r}")
-    if "-" in suite.name or suite.name in SUITES:
-        raise ValueError(f"suite name {suite.name!r} is taken or holds '-' (the point separator)")
+    if "-" in suite.name:
+        raise ValueError(f"suite name {suite.name!r} holds '-', the separator of suite and point in file names")
+    if suite.name in SUITES:
+        raise ValueError(f"suite name {suite.name!r} is taken")
     SUITES[suite.name] = suite
     return suite
 
