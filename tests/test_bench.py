@@ -173,3 +173,18 @@ def test_measuring_needs_no_matplotlib():
     code = "import sys, moba_edu.bench.suites; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_suites_measure_their_smallest_points(tmp_path):
+    """The GPU suites end to end at 8K: ceilings, dense baseline, forward and forward + backward."""
+    only = ["dense_sdpa/S8192-h16x16", "moba_fwd/S8192-bs512-k3-h16x16", "moba_fwd_bwd/S8192-bs512-k3-h16x16"]
+    written = harness.run("gpu", only, tmp_path)
+    assert [p.name for p in written] == [f"{pattern.replace('/', '-')}.json" for pattern in only]
+    assert (tmp_path / "h200" / "ceilings-h200.json").exists()   # measured by the first suite that needs it
+    fwd, fwd_bwd = (json.loads(p.read_text()) for p in written[1:])
+    for r in (fwd, fwd_bwd):
+        assert r["attended_pairs"] == 16 * cost.attended_pairs(8192, 512, 3)
+        assert r["density"] == pytest.approx(cost.density(8192, 512, 3))
+    assert fwd["moba_ms"] > 0 and fwd["router_over_floor"] > 0 and fwd["cudnn_ms"] > 0
+    assert fwd_bwd["moba_bwd_ms"] > 0 and fwd_bwd["bwd_over_floor"] > 0 and fwd_bwd["cudnn_fwd_bwd_ms"] > 0

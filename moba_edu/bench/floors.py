@@ -42,9 +42,10 @@ CEILINGS = register(Suite("ceilings", "gpu", lambda: [(DEVICE_DIRS["gpu"], {})],
 
 
 def ceilings(out_dir: Path) -> dict:
-    """The ceilings' record under out_dir, measured (and written) first where it is missing."""
+    """The ceilings' record under out_dir, measured (and written) first where it is missing or was
+    measured on another kind of GPU."""
     path = point_path(out_dir, CEILINGS, DEVICE_DIRS["gpu"])
-    if not path.exists():
+    if not path.exists() or json.loads(path.read_text())["machine"].get("gpu") != torch.cuda.get_device_name():
         write_point(out_dir, CEILINGS, DEVICE_DIRS["gpu"], measure_ceilings({}, out_dir))
     return json.loads(path.read_text())
 
