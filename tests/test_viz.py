@@ -1,14 +1,14 @@
 """The routing views (moba_edu.viz): states, text map, oracle, recall, cost, presets, figures, dashboard.
 
 Numbers are checked against tests/reference.py and brute force in float64; figures for labelled axes;
-the dashboard for its responsiveness contract (an update well under a second at the default sizes).
+the dashboard for redrawing on every change (its speed is a benchmark: `python -m moba_edu.bench --cpu
+--only explorer`).
 """
 
 import itertools
 import re
 import subprocess
 import sys
-import time
 
 import matplotlib
 import pytest
@@ -214,16 +214,16 @@ def test_explorer_views_change_together():
 
 
 @pytest.mark.parametrize("control,values", [("top_k", (4, 2, 3)), ("query", (100, 200, 17)), ("head", (1, 2, 3))])
-def test_explorer_update_takes_well_under_a_second(control, values):
-    """The responsiveness contract at the default sizes; the best of three changes, so that a moment of
-    contention with other processes on a shared CI machine does not count as slowness."""
+def test_explorer_redraws_on_every_change(control, values):
+    """Every change of a control redraws the image, and the updated dashboard says what a dashboard
+    opened at those values says. (How long an update takes is a benchmark, suite `explorer`.)"""
     ex = viz.explore()
-    times = []
     for value in values:
-        start = time.perf_counter()
+        image = ex.image.value
         ex.controls[control].value = value
-        times.append(time.perf_counter() - start)
-    assert min(times) < 1.0, f"updating {control} took {min(times):.3g} s at best ({times})"
+        assert ex.values()[control] == value
+        assert ex.image.value != image, f"setting {control} = {value} did not redraw"
+    assert ex.summary.value == viz.explore(**{control: values[-1]}).summary.value
 
 
 def needle_blocks_right(key, query, block_size, top_k):
