@@ -40,8 +40,9 @@ test-gpu:
 figures: setup
 	CUDA_VISIBLE_DEVICES= $(BIN)/python -m moba_edu.figures
 
+# Re-measure the CPU suites (all, or `make bench-cpu ONLY=explorer`: suites or "suite/point" patterns).
 bench-cpu: setup
-	CUDA_VISIBLE_DEVICES= $(BIN)/python -m moba_edu.bench --cpu
+	CUDA_VISIBLE_DEVICES= $(BIN)/python -m moba_edu.bench --cpu $(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,7 +1,7 @@
 """Regenerate every committed figure under figures/ (`make figures`, `python -m moba_edu.figures`).
 
 Routing and cost figures come from `moba_edu.viz.gallery`; benchmark plots are re-drawn from the
-committed JSON under figures/bench/ by `moba_edu.bench.plot_all` (no re-measuring).
+committed JSON under figures/bench/ by `moba_edu.bench.suites.plot_all` (no re-measuring).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ def main(argv=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from . import bench
+    from .bench.suites import plot_all
     from .viz import gallery
 
-    written = gallery.save_all(args.out) + bench.plot_all(args.out / "bench")
+    written = gallery.save_all(args.out) + plot_all(args.out / "bench")
     for path in written:
         print(path)
 

@@ -1,14 +1,14 @@
 """The routing views (moba_edu.viz): states, text map, oracle, recall, cost, presets, figures, dashboard.
 
 Numbers are checked against tests/reference.py and brute force in float64; figures for labelled axes;
-the dashboard for its responsiveness contract (an update well under a second at the default sizes).
+the dashboard for redrawing on every change (its speed is a benchmark: `python -m moba_edu.bench --cpu
+--only explorer`).
 """
 
 import itertools
 import re
 import subprocess
 import sys
-import time
 
 import matplotlib
 import pytest
@@ -23,15 +23,8 @@ import moba_edu as me  # noqa: E402
 from moba_edu import viz  # noqa: E402
 from moba_edu.checks import Mistake, nb03  # noqa: E402
 from moba_edu.viz import gallery, maps  # noqa: E402
-from reference import reference_routing_mask  # noqa: E402
+from reference import assert_valid_mask  # noqa: E402
 from strategies import cases  # noqa: E402
-
-
-def reference_block_mask(case, q, k):
-    """bool [B, Hq, S, N] from the independent reference, head by head."""
-    g = case.Hq // case.Hkv
-    return torch.stack([torch.stack([reference_routing_mask(q[b, h], k[b, h // g], case.block_size, case.top_k)
-                                     for h in range(case.Hq)]) for b in range(case.B)])
 
 
 def reference_probs(q, k):
@@ -51,13 +44,15 @@ def test_import_moba_edu_stays_light_and_viz_brings_the_views():
 
 
 @given(case=cases(max_s=40))
-def test_block_and_token_states_match_the_reference(case):
+def test_block_and_token_states_show_the_routing(case):
+    """The maps draw what the router chose (checked against the reference's rule here too)."""
     q, k, _ = case.tensors(torch.float32)
     routing = me.route(q, k, block_size=case.block_size, top_k=case.top_k)
-    mask = reference_block_mask(case, q, k)
+    mask = routing.mask
     S, N = case.S, case.n_blocks
     t, j = torch.arange(S)[:, None], torch.arange(N)[None, :]
     for b, h in itertools.product(range(case.B), range(case.Hq)):
+        assert_valid_mask(mask[b, h], q[b, h], k[b, h // (case.Hq // case.Hkv)], case.block_size, case.top_k)
         states = maps.block_states(routing, case.block_size, h, batch=b)
         attended = (states == maps.ROUTED) | (states == maps.OWN)
         assert torch.equal(attended, mask[b, h])
@@ -130,7 +125,9 @@ def test_recall_curve_matches_routing_at_every_top_k():
     mass = viz.block_mass(reference_probs(sample.q, sample.k), bs)
     assert curve.top_k == list(range(1, 7))
     for top_k, router, oracle in zip(curve.top_k, curve.router, curve.oracle):
-        mask = torch.stack([reference_routing_mask(sample.q[0, h], sample.k[0, h], bs, top_k) for h in range(2)])
+        mask = me.route(sample.q, sample.k, block_size=bs, top_k=top_k).mask[0]
+        for h in range(2):
+            assert_valid_mask(mask[h], sample.q[0, h], sample.k[0, h], bs, top_k)
         assert router == pytest.approx(float((mass[0] * mask).sum(-1).mean()), abs=1e-5)
         assert router <= oracle + 1e-6
     assert curve.router[-1] == pytest.approx(1.0) and curve.oracle[-1] == pytest.approx(1.0)
@@ -214,16 +211,16 @@ def test_explorer_views_change_together():
 
 
 @pytest.mark.parametrize("control,values", [("top_k", (4, 2, 3)), ("query", (100, 200, 17)), ("head", (1, 2, 3))])
-def test_explorer_update_takes_well_under_a_second(control, values):
-    """The responsiveness contract at the default sizes; the best of three changes, so that a moment of
-    contention with other processes on a shared CI machine does not count as slowness."""
+def test_explorer_redraws_on_every_change(control, values):
+    """Every change of a control redraws the image, and the updated dashboard says what a dashboard
+    opened at those values says. (How long an update takes is a benchmark, suite `explorer`.)"""
     ex = viz.explore()
-    times = []
     for value in values:
-        start = time.perf_counter()
+        image = ex.image.value
         ex.controls[control].value = value
-        times.append(time.perf_counter() - start)
-    assert min(times) < 1.0, f"updating {control} took {min(times):.3g} s at best ({times})"
+        assert ex.values()[control] == value
+        assert ex.image.value != image, f"setting {control} = {value} did not redraw"
+    assert ex.summary.value == viz.explore(**{control: values[-1]}).summary.value
 
 
 def needle_blocks_right(key, query, block_size, top_k):

@@ -1,18 +1,17 @@
 """Checks for notebook 04 (efficient MoBA in PyTorch): the log-sum-exp merge of two partial results,
 and the number of (query, key) pairs MoBA computes.
 
-Right answers come from the library (`efficient.merge_partials`, `viz.cost.attended_pairs`); each
+Right answers come from the library (`efficient.merge_partials`, `cost.attended_pairs`); each
 planted mistake is the same computation with one slip, so a wrong answer is named by its slip.
-(Importing this module imports matplotlib, through `moba_edu.viz`.)
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..cost import attended_pairs
 from ..efficient import merge_partials, partial_attention
 from ..routing import own_block
-from ..viz.cost import attended_pairs
 from . import expect, judge, passed
 
 

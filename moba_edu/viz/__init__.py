@@ -7,12 +7,13 @@ Every figure function draws into a given `ax` (or `fig`) or makes its own, and r
 - gates:   gate scores with the chosen blocks marked and the ineligible region shaded
 - heads:   per-head routing maps side by side; how often each block is chosen
 - quality: attention mass the router keeps vs an oracle, recall over top_k
-- cost:    density and FLOPs of MoBA vs dense attention as S grows
+- cost:    density and FLOPs of MoBA vs dense attention as S grows (numbers: `moba_edu.cost`)
 - presets: random, needle and periodic queries and keys
 - explore: the live dashboard; gallery: writes the committed figures
 """
 
-from .cost import attended_pairs, density, flops, plot_cost
+from ..cost import attended_pairs, density, flops  # the cost model, re-exported for notebooks
+from .cost import plot_cost
 from .explore import Explorer, explore
 from .gates import plot_gate_scores, plot_query_gates
 from .heads import block_frequency, plot_block_frequency, plot_heads

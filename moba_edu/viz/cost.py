@@ -1,47 +1,14 @@
-"""What MoBA saves: attended (query, key) pairs and FLOPs of MoBA against dense causal attention.
+"""What MoBA saves, drawn: density and FLOPs of MoBA against dense causal attention as S grows.
 
-Query t attends its own block causally (t mod block_size + 1 keys) plus min(top_k - 1, t // block_size)
-whole earlier blocks, whatever the gates say, so the cost depends on S, block_size and top_k only.
-Dense causal attention attends t + 1 keys. Per attended pair, attention costs 4·D FLOPs (2·D for
-q·k and 2·D for p·v). The router adds the block means (S·D additions) and one 2·D dot product per
-query and eligible block: quadratic in S too, but D·S²/block_size instead of D·S².
-
-All counts are per head and sequence.
+The numbers come from the cost model, `moba_edu.cost` (which says how they are counted); this module
+only plots them.
 """
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-import torch
 
-from ..routing import own_block
-
-
-def attended_pairs(seq_len: int, block_size: int, top_k: int) -> int:
-    """(query, key) pairs MoBA attends; equals the True count of the token mask for any routing."""
-    t = torch.arange(seq_len)
-    own = own_block(seq_len, block_size)
-    keys = t - own * block_size + 1 + block_size * own.clamp(max=top_k - 1)
-    return int(keys.sum())
-
-
-def dense_pairs(seq_len: int) -> int:
-    """(query, key) pairs of dense causal attention: S (S + 1) / 2."""
-    return seq_len * (seq_len + 1) // 2
-
-
-def density(seq_len: int, block_size: int, top_k: int) -> float:
-    """Fraction of the causal pairs MoBA attends (1 = dense)."""
-    return attended_pairs(seq_len, block_size, top_k) / dense_pairs(seq_len)
-
-
-def flops(seq_len: int, block_size: int, top_k: int, head_dim: int) -> dict[str, int]:
-    """FLOPs of one head: {"dense", "moba_attention", "moba_router", "moba"}."""
-    eligible_blocks = int(own_block(seq_len, block_size).sum())  # query t may route to blocks 0 .. own - 1
-    router = seq_len * head_dim + 2 * head_dim * eligible_blocks
-    attention = 4 * head_dim * attended_pairs(seq_len, block_size, top_k)
-    return {"dense": 4 * head_dim * dense_pairs(seq_len), "moba_attention": attention,
-            "moba_router": router, "moba": attention + router}
+from ..cost import density, flops
 
 
 def plot_cost(block_size: int = 512, top_k: int = 3, head_dim: int = 128, seq_lens=None, *, fig=None):

@@ -6,8 +6,9 @@ one matplotlib figure rendered to PNG into an `ipywidgets.Image` (plus an HTML s
 renders the same in JupyterLab, classic Jupyter and VS Code without any extra front-end extension
 and without an interactive matplotlib backend.
 
-Responsiveness: at the default sizes (S = 256, 4 heads, head_dim 16) one update takes well under a
-second on a 2-core CPU; tests/test_viz.py holds that contract. Data and the true attention are cached
+Responsiveness: the goal is an update well under a second at the default sizes (S = 256, 4 heads,
+head_dim 16) on a 2-core CPU; the benchmark suite `explorer` measures it (`python -m moba_edu.bench
+--cpu --only explorer`, figures/bench/cpu_explorer.png). Data and the true attention are cached
 per preset and size, so moving top_k, head or query only re-routes and redraws; top_k and query even
 keep the axes and only update what they change.
 """

@@ -1,0 +1,188 @@
+"""GPU suites of the MoBA backward: `python -m moba_edu.bench --gpu --only "moba_fwd_bwd"`.
+
+moba_fwd_bwd  forward + backward of impl="triton" against dense causal SDPA forward + backward (cuDNN
+              and FlashAttention-2 backends, same process): B = 1, head dim 128, bf16; S in 8K, 32K,
+              128K; (block_size, top_k) in (512, 3), (128, 8), (4096, 12); grouped 32 / 8 heads at
+              32K and 128K (dense on repeated k, v: the same FLOPs). Per point: forward, backward
+              (total - forward) and total times; density; the backward's floor (`cost.backward_cost`:
+              its useful FLOPs at the measured bf16 rate, or its bytes at the measured copy bandwidth,
+              whichever is larger); the FLOPs the kernels really do; peak memory of forward + backward
+              beyond q, k, v, o and their gradients.
+bwd_tiles     the backward alone at S = 32K, (512, 3), 16 heads, for a few tile shapes, each checked
+              against the default's gradients: the sweep that chose moba_bwd.launch_config.
+
+The backward goal of the project (`BACKWARD_GOAL`): forward + backward at 128K with (512, 3) at least
+12x faster than cuDNN's. Times are `harness.gpu_ms`: do_bench medians, or three CUDA-event calls
+where one call takes over 50 ms (dense attention at 128K), to spend little of a GPU lease.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import cost
+from .floors import ceilings, floor_ms
+from .harness import GPU_HEAD_DIM, Suite, cuda_peak_bytes, gpu_ms, moba_point, qkv, register
+
+SIZES = (8192, 32768, 131072)
+CONFIGS = ((512, 3), (128, 8), (4096, 12))
+GROUPED = ((32, 8), (32768, 131072))
+BACKWARD_GOAL = dict(S=131072, block_size=512, top_k=3, speedup=12.0)
+TILES = tuple(dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+              for m, n, w, st in ((32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 64, 4, 2)))
+
+
+def fwd_bwd_ms(forward, leaves, do) -> dict:
+    """Forward, forward + backward and (their difference) backward times of `forward(*leaves)`, in ms."""
+    for x in leaves:
+        x.requires_grad_()
+
+    def both():
+        forward(*leaves).backward(do)
+
+    fwd = gpu_ms(lambda: forward(*leaves))
+    total = gpu_ms(both, grad_to_none=leaves)
+    return dict(fwd_ms=fwd, fwd_bwd_ms=total, bwd_ms=total - fwd)
+
+
+_dense_cache: dict = {}
+
+
+def dense(S: int, Hq: int, Hkv: int) -> dict:
+    """Dense causal SDPA forward + backward with the cuDNN and FlashAttention-2 backends (cached per shape)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    shape = (S, Hq, Hkv)
+    if shape not in _dense_cache:
+        q, k, v, do = qkv(S, Hq, Hkv, seed=1, grad_out=True)
+        k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+        result = {}
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            with sdpa_kernel(backend):
+                times = fwd_bwd_ms(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True), [q, k, v], do)
+            result.update({f"{name}_{key}": value for key, value in times.items()})
+        _dense_cache[shape] = result
+    return _dense_cache[shape]
+
+
+def fwd_bwd_points() -> list[tuple[str, dict]]:
+    shapes = [(S, 16, 16, bs, k) for S in SIZES for bs, k in CONFIGS]
+    (Hq, Hkv), sizes = GROUPED
+    shapes += [(S, Hq, Hkv, 512, 3) for S in sizes]
+    return [moba_point(*shape) for shape in shapes]
+
+
+def measure_fwd_bwd(params: dict, out_dir: Path) -> dict:
+    import moba_edu as me
+    from moba_edu.kernels.op import moba_fwd
+
+    S, Hq, Hkv, bs, top_k = (params[key] for key in ("S", "Hq", "Hkv", "block_size", "top_k"))
+    ceil = ceilings(out_dir)
+    q, k, v, do = qkv(S, Hq, Hkv, grad_out=True)
+    with torch.no_grad():
+        routed = moba_fwd(q, k, v, [S], bs, top_k, GPU_HEAD_DIM ** -0.5)[2]
+    counts = cost.routed_pair_counts(routed, S, bs)
+    del routed
+    moba = fwd_bwd_ms(lambda q, k, v: me.moba_attention(q, k, v, block_size=bs, top_k=top_k, impl="triton"),
+                      [q, k, v], do)
+    for x in (q, k, v):
+        x.grad = None
+    peak = cuda_peak_bytes(lambda: me.moba_attention(q, k, v, block_size=bs, top_k=top_k, impl="triton").backward(do))
+    expected = 2 * (2 * q.numel() + 2 * k.numel())   # bf16 o, dq, dk, dv: what any attention allocates
+    del q, k, v, do
+    torch.cuda.empty_cache()
+    work = cost.backward_cost(Hq, Hkv, S, GPU_HEAD_DIM, counts["own_pairs"], counts["routed_pairs"])
+    floor = floor_ms(ceil, nbytes=work["min_bytes"], flops=work["useful_flops"], rate="bf16")
+    record = dict(shape=dict(B=1, Hq=Hq, Hkv=Hkv, S=S, D=GPU_HEAD_DIM), dtype="bfloat16", block_size=bs, top_k=top_k,
+                  **{"pass": "forward + backward"}, **counts, **{f"moba_{key}": value for key, value in moba.items()},
+                  **dense(S, Hq, Hkv), bwd_useful_flops=work["useful_flops"], bwd_kernel_flops=work["kernel_flops"],
+                  bwd_min_bytes=work["min_bytes"], bwd_floor_ms=floor, bwd_over_floor=moba["bwd_ms"] / floor,
+                  bwd_tflops=work["useful_flops"] / moba["bwd_ms"] / 1e9, peak_extra_bytes=peak - expected,
+                  ceilings={key: ceil[key] for key in ("copy_bytes_per_s", "bf16_flops_per_s")})
+    for name in ("cudnn", "flash"):
+        record[f"speedup_fwd_bwd_vs_{name}"] = record[f"{name}_fwd_bwd_ms"] / moba["fwd_bwd_ms"]
+        record[f"speedup_bwd_vs_{name}"] = record[f"{name}_bwd_ms"] / moba["bwd_ms"]
+    record["density_bound_fwd_bwd_speedup"] = 1 / counts["density"]
+    return record
+
+
+def plot_fwd_bwd(records: list[dict], out_dir: Path) -> list[Path]:
+    """Speed-up of MoBA forward + backward over dense cuDNN per configuration and S, with the density
+    bound and the goal; and the backward's time over its floor."""
+    import matplotlib.pyplot as plt
+
+    from .plots import gpu_title, label_points, plain_log_y, s_axes, save
+
+    fig, (ax_speed, ax_floor) = plt.subplots(1, 2, figsize=(13, 4.8))
+    groups = sorted({(r["block_size"], r["top_k"], r["shape"]["Hq"], r["shape"]["Hkv"]) for r in records})
+    labels = []
+    for i, (bs, top_k, Hq, Hkv) in enumerate(groups):
+        rs = sorted((r for r in records if (r["block_size"], r["top_k"], r["shape"]["Hq"], r["shape"]["Hkv"]) ==
+                     (bs, top_k, Hq, Hkv)), key=lambda r: r["shape"]["S"])
+        S = [r["shape"]["S"] for r in rs]
+        label = f"({bs}, {top_k}), {Hq}/{Hkv} heads"
+        ax_speed.plot(S, [r["speedup_fwd_bwd_vs_cudnn"] for r in rs], color=f"C{i}", label=f"{label} vs cuDNN")
+        ax_speed.plot(S, [r["density_bound_fwd_bwd_speedup"] for r in rs], ls=":", color=f"C{i}", lw=1)
+        ax_floor.plot(S, [r["bwd_over_floor"] for r in rs], color=f"C{i}", label=label)
+        for s, r in zip(S, rs):
+            older = "measured_with" in r   # an earlier kernel version (the JSON says which): open marker
+            style = dict(marker="o", color=f"C{i}", mfc="none" if older else f"C{i}")
+            ax_speed.plot([s], [r["speedup_fwd_bwd_vs_cudnn"]], **style)
+            ax_floor.plot([s], [r["bwd_over_floor"]], **style)
+            labels.append((s, r["speedup_fwd_bwd_vs_cudnn"], f"{r['speedup_fwd_bwd_vs_cudnn']:.3g}x", f"C{i}"))
+    goal = BACKWARD_GOAL
+    ax_speed.plot([goal["S"]], [goal["speedup"]], marker="*", ms=12, color="k", ls="none",
+                  label=f"target: {goal['speedup']:g}x at {goal['S'] // 1024}K, ({goal['block_size']}, {goal['top_k']})")
+    ax_speed.set(ylabel="cuDNN time / MoBA time (fwd + bwd)", yscale="log",
+                 title="MoBA forward + backward vs dense causal cuDNN\n(dotted: 1 / density, the most skipping work can give)")
+    plain_log_y(ax_speed, [0.25, 0.5, 1, 2, 5, 10, 20, 50])
+    ax_floor.set(ylabel="backward time / its floor (x)", ylim=(0, None),
+                 title="MoBA backward: how far from the fastest it could be")
+    s_axes(ax_speed, ax_floor)
+    for ax in (ax_speed, ax_floor):   # room right of the last points for their labels
+        low, high = ax.get_xlim()
+        ax.set_xlim(low, high * 1.6)
+    label_points(ax_speed, labels)
+    fig.suptitle(gpu_title(records, "MoBA forward + backward") + "; open markers: measured with an earlier kernel "
+                 "version", fontsize=10)
+    fig.text(0.53, 0.015, "the backward's floor: the time for its useful matrix products (5 per attended pair) at the\n"
+             "measured bf16 rate, or to move q, k, v, o and their gradients at full memory speed, whichever is longer",
+             fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return save(fig, out_dir / "h200_moba_fwd_bwd.png")
+
+
+register(Suite("moba_fwd_bwd", "gpu", fwd_bwd_points, measure_fwd_bwd, plot_fwd_bwd))
+
+
+def measure_tiles(params: dict, out_dir: Path) -> dict:
+    from moba_edu.kernels.moba_bwd import launch_config, moba_backward
+    from moba_edu.kernels.op import moba_fwd
+    from moba_edu.kernels.router import layout
+
+    S, bs, top_k = params["S"], params["block_size"], params["top_k"]
+    q, k, v, do = qkv(S, params["Hq"], params["Hkv"], grad_out=True)
+    with torch.no_grad():
+        o, lse, routed = moba_fwd(q, k, v, [S], bs, top_k, GPU_HEAD_DIM ** -0.5)
+    lay = layout((S,), bs, q.device, True)
+
+    def run(config=None):
+        return moba_backward(do, q, k, v, o, lse, routed, lay, GPU_HEAD_DIM ** -0.5, config=config)
+
+    reference = run()
+    rows = []
+    for config in TILES:
+        try:
+            grads = run(config)
+            err = max(float((g.float() - r.float()).norm() / r.float().norm()) for g, r in zip(grads, reference))
+            rows.append(dict(config=config, bwd_ms=gpu_ms(lambda: run(config)), rel_err_vs_default=err))
+        except Exception as exc:   # e.g. out of shared memory: record it, try the next shape
+            rows.append(dict(config=config, error=f"{type(exc).__name__}: {exc}"[:300]))
+    return dict(shape=dict(B=1, Hq=params["Hq"], Hkv=params["Hkv"], S=S, D=GPU_HEAD_DIM), block_size=bs, top_k=top_k,
+                default=launch_config(GPU_HEAD_DIM), tiles=rows)
+
+
+register(Suite("bwd_tiles", "gpu", lambda: [moba_point(32768, 16, 16, 512, 3)], measure_tiles))
