@@ -220,3 +220,19 @@ def test_triton_rejects_float64_by_name():
     cache.append(torch.randn(1, 1, 5, 8).double(), torch.randn(1, 1, 5, 8).double())
     with pytest.raises(TypeError, match="q: impl='triton'"):
         moba_decode(torch.randn(1, 1, 1, 8).double(), cache, top_k=2, impl="triton")
+
+
+def test_decode_bytes_counts_what_a_step_reads():
+    """bench.decode.decode_bytes against the cache's own tensors: all keys and values (dense); the means of
+    the full pages and top_k pages of keys and values (MoBA)."""
+    from moba_edu.bench.decode import decode_bytes
+
+    cache = MobaKVCache(1, 2, 8, block_size=4, max_seqlen=50, dtype=torch.bfloat16)
+    cache.append(torch.randn(1, 2, 50, 8).bfloat16(), torch.randn(1, 2, 50, 8).bfloat16())
+    k, v = cache.sequence(0)
+    full_pages = cache.page_table[0, :50 // 4].long()
+    page_bytes = cache.k_pages[0].nbytes + cache.v_pages[0].nbytes
+    assert decode_bytes(50, 2, 4, 3, D=8) == {"dense": k.nbytes + v.nbytes, "moba_means": cache.means[full_pages].nbytes,
+                                              "moba_pages": 3 * page_bytes,
+                                              "moba": cache.means[full_pages].nbytes + 3 * page_bytes}
+    assert decode_bytes(6, 2, 4, 3, D=8)["moba_pages"] == 2 * page_bytes   # only 2 blocks exist

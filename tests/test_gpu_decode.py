@@ -143,6 +143,14 @@ def test_errors_on_gpu():
         cache.append(torch.zeros(1, 2, 2, 64, device="cuda").half(), torch.zeros(1, 2, 2, 64, device="cuda").half())
 
 
+def test_time_decode_measures_both():
+    from moba_edu.bench.decode import time_decode
+
+    record = time_decode(32768, 16, 16, 512, 8)
+    assert all(record[f"{name}_ms"] > 0 for name in ("moba", "cudnn", "flash"))
+    assert record["bytes"]["moba"] < record["bytes"]["dense"] / 10
+
+
 def sanitize_shapes():
     """Decode at a ragged and an aligned shape, for compute-sanitizer (from the repository root):
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH=. compute-sanitizer --tool memcheck python3 tests/test_gpu_decode.py"""
