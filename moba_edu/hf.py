@@ -99,6 +99,23 @@ class MobaCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.moba, self.is_initialized = None, False
 
+    def _cannot(self, what: str) -> None:
+        if self.moba is not None and int(self.moba.seqlens.max()) > 0:
+            raise NotImplementedError(f"MobaCache cannot {what} (beam search, assisted or contrastive decoding): "
+                                      "use greedy or sampled generation")
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._cannot("reorder its batch")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._cannot("drop tokens")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._cannot("repeat its batch")
+
+    def batch_select_indices(self, indices) -> None:
+        self._cannot("select from its batch")
+
 
 class MobaCache(Cache):
     """A transformers Cache of MobaKVCache layers: config (with moba_block_size, moba_top_k) of the model;

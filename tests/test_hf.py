@@ -77,6 +77,12 @@ def test_errors_name_what_is_missing():
         moba.generate(prompt(1), max_new_tokens=2, do_sample=False, pad_token_id=0)   # a DynamicCache
 
 
+def test_beam_search_is_refused_by_name():
+    moba = tiny_llama("moba")
+    with pytest.raises(NotImplementedError, match="MobaCache cannot reorder its batch"):
+        generate(moba, prompt(1), 4, num_beams=2)
+
+
 def test_import_moba_edu_does_not_import_transformers():
     code = "import sys, moba_edu; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
