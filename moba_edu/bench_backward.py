@@ -160,7 +160,7 @@ def _measure_fwd_bwd(params: dict, out_dir: Path) -> dict:
 def _measure_tiles(params: dict, out_dir: Path) -> dict:
     from moba_edu.kernels.moba_bwd import launch_config, moba_backward
     from moba_edu.kernels.op import moba_fwd
-    from moba_edu.kernels.router import layout
+    from moba_edu.kernels.layout import layout
 
     S, bs, top_k = params["S"], params["block_size"], params["top_k"]
     q, k, v, do = qkv(S, params["Hq"], params["Hkv"])

@@ -3,7 +3,7 @@
 bf16 and fp16 against float64 attention per head up to S = 8K, and at 32K and 128K against the float32
 torch rung (efficient.attend), in both cases given the Triton router's routing: a near-tie between two
 gates may legitimately flip one block, so routing is checked on its own (against routing.py) and
-attention is compared given one routing (DESIGN.md §1).
+attention is compared given one routing (docs/design.md §1).
 """
 
 import math
@@ -18,7 +18,6 @@ from strategies import rel_err
 pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available() and not kernels.INTERPRET:
-    from moba_edu.kernels import router
     from moba_edu.kernels.moba_fwd import moba_forward
 
 
