@@ -18,16 +18,16 @@ from strategies import cases, rel_err
 @given(case=cases(max_s=64), budget=st.integers(1, 200))
 def test_chunked_router_routes_exactly_like_route(case, budget):
     q, k, _ = case.tensors(torch.float32)
-    chunked = efficient.route_in_chunks(q, k, case.block_size, case.top_k, gate_budget=budget)
+    chunked = me.route_indices(q, k, block_size=case.block_size, top_k=case.top_k, gate_budget=budget)
     assert torch.equal(chunked, me.route(q, k, block_size=case.block_size, top_k=case.top_k).indices)
 
 
 def test_router_chunks_when_the_gate_matrix_is_large():
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 2, 512, 8, generator=gen) for _ in range(2))
-    whole = efficient.route_in_chunks(q, k, 16, 4)  # 2 * 512 * 32 gates fit the default budget
+    whole = me.route_indices(q, k, block_size=16, top_k=4)  # 2 * 512 * 32 gates fit the default budget
     for budget in (64, 1000, 2 * 32 * 100):  # 1, 15 and 100 rows per chunk
-        assert torch.equal(efficient.route_in_chunks(q, k, 16, 4, gate_budget=budget), whole)
+        assert torch.equal(me.route_indices(q, k, block_size=16, top_k=4, gate_budget=budget), whole)
 
 
 @given(n_sets=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
