@@ -24,7 +24,8 @@ Kernels
 the eligible blocks' means BN at a time, computes the [QT, BN] float32 gates (above), and keeps each
 row's running top-R in registers (values and indices [QT, RP]): a candidate is inserted only if it
 beats the row's current R-th best, so after the first few block tiles insertions are rare and the loop
-costs little beside the dot. No [S, N] gate matrix is ever written: the router reads q once and writes R int32 per query.
+costs little beside the dot. No [S, N] gate matrix is ever written: the router reads q once and
+writes R int32 per query.
 `_pairs_kernel`: counts the pairs per bucket (first launch), then, after a prefix sum, scatters each
 pair to its bucket through an atomic cursor (second launch).
 """
