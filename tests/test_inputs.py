@@ -159,9 +159,10 @@ def test_empty_sequences_are_valid():
 def test_max_seqlen_is_validated_only(impl):
     """Every rung reads the lengths from cu_seqlens: any max_seqlen >= the longest gives the same result
     (the same code runs, so the bits agree), a NumPy int included."""
+    device = "cpu" if kernels.INTERPRET else "cuda"  # the kernels take CUDA tensors on a GPU machine
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(23, h, 8, generator=gen) for h in (2, 1, 1))
-    cu = torch.tensor([0, 9, 9, 23], dtype=torch.int32)
+    q, k, v = (torch.randn(23, h, 8, generator=gen).to(device) for h in (2, 1, 1))
+    cu = torch.tensor([0, 9, 9, 23], dtype=torch.int32, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # impl="triton" under the interpreter warns that it is slow
         tight = varlen(q, k, v, cu, 14, impl=impl, return_lse=True)
