@@ -35,10 +35,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .flash import LN2, LOG2E
+from .layout import LN2, LOG2E, LOG2E_K
 from .router import _bf16_pieces, _exact_gates, _insert
-
-LOG2E_K = tl.constexpr(LOG2E)
 
 
 @triton.jit
