@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# Headless-safe: no browser is opened, JupyterLab prints the URL (with its token) to open.
+# Headless-safe: no browser is opened, JupyterLab prints the URL (with its token) to open. It serves the
+# whole repository (the README, figures/ and notes/ that notebooks cite) and opens on notebooks/.
 lab: setup
-	$(BIN)/jupyter lab --no-browser --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(BIN)/jupyter lab --no-browser --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: setup
 	$(CPU_ENV) $(BIN)/python -m pytest -n 2 --dist loadfile --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg

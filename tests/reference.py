@@ -1,8 +1,14 @@
-"""An independent float64 reference for MoBA (DESIGN.md §1), written from the spec, not from the package.
+"""An independent float64 reference for MoBA (docs/design.md §1), written from the spec, not from the package.
 
 It shares no code with moba_edu: block means by a loop over blocks, the top-k by a full sort, the
 mask built query by query block, attention in float64. Routing is done in float32 as the spec says,
 so that it agrees with every rung on continuous random data.
+
+Two float32 routers (this one, the package's, the Triton kernel's) may sum a gate's products in
+different orders, so on another CPU or BLAS build a near-tie between two gates can go either way.
+Tests of routing therefore ask `assert_valid_routing`: is the chosen set a top-(top_k - 1) of the
+float64 gates, up to float32 rounding? A wrong rule (an ineligible block, a scaled or padded gate, a
+missing block) breaks that by far more than rounding does.
 """
 
 import math
@@ -26,6 +32,63 @@ def reference_routing_mask(q, k, block_size, top_k):
         order = torch.sort(gates[t, :own], descending=True, stable=True).indices
         mask[t, order[: top_k - 1]] = True
     return mask
+
+
+def _gates64(q, k, block_size):
+    """float64 gates [S, N] of one head and a bound on float32 rounding of each: q, k [S, D]."""
+    n_blocks = math.ceil(q.shape[0] / block_size)
+    blocks = [k[j * block_size:(j + 1) * block_size].double() for j in range(n_blocks)]
+    means = torch.stack([b.mean(0) for b in blocks]) if blocks else k.new_zeros(0, k.shape[1], dtype=torch.float64)
+    sizes = torch.stack([b.abs().mean(0) for b in blocks]) if blocks else means
+    gates = q.double() @ means.T
+    # a float32 sum of block_size keys, then of D products: each term's rounding is at most a few
+    # 2**-24 of the magnitudes summed (error bounds of recursive summation, Higham ch. 4)
+    slack = 4 * (q.shape[1] + block_size) * 2.0**-24 * (q.double().abs() @ sizes.T)
+    return gates, slack
+
+
+def assert_valid_routing(routed, q, k, block_size, top_k):
+    """Assert that routed int [S, R] of one head (q, k [S, D]), the routed blocks of each query by
+    descending gate then -1 (the own block left out), is MoBA's routing up to float32 rounding.
+
+    Exactly min(top_k - 1, own) blocks, all wholly before the own block, in descending gate order, and
+    no unchosen eligible block whose float64 gate beats a chosen one by more than float32 rounding.
+    """
+    S, N = routed.shape[0], math.ceil(routed.shape[0] / block_size)
+    routed = routed.long().cpu()
+    gates, slack = _gates64(q, k, block_size)
+    gates, slack = gates.cpu(), slack.cpu()
+    valid = routed >= 0
+    assert (valid[:, :-1] | ~valid[:, 1:]).all(), "-1 padding before a routed block"
+    at = lambda x: x.gather(1, routed.clamp_min(0))  # noqa: E731
+    assert ((at(gates)[:, :-1] + at(slack)[:, :-1] >= at(gates)[:, 1:]) | ~valid[:, 1:]).all(), \
+        "routed blocks are not in descending gate order"
+    mask = (torch.nn.functional.one_hot(routed.clamp_min(0), max(N, 1)) * valid[..., None]).sum(1).bool()[:, :N]
+    assert_valid_mask(mask | (torch.arange(N)[None, :] == torch.arange(S)[:, None] // block_size),
+                      q, k, block_size, top_k)
+
+
+def assert_valid_mask(mask, q, k, block_size, top_k):
+    """Assert that mask bool [S, N] of one head (q, k [S, D]) is MoBA's routing up to float32 rounding.
+
+    Own block attended, no block after it, exactly min(top_k - 1, own) eligible blocks chosen, and no
+    unchosen eligible block whose float64 gate beats a chosen one by more than float32 rounding.
+    """
+    S, N = mask.shape
+    gates, slack = _gates64(q, k, block_size)
+    t = torch.arange(S)[:, None]
+    j = torch.arange(N)[None, :]
+    own = t // block_size
+    mask = mask.cpu()
+    assert mask[j == own].all(), "the own block is not attended"
+    assert not mask[j > own].any(), "a block after the own block is attended"
+    eligible = j < own
+    chosen, unchosen = mask & eligible, ~mask & eligible
+    assert torch.equal(chosen.sum(1), own[:, 0].clamp(max=top_k - 1)), "wrong number of routed blocks"
+    inf = torch.tensor(math.inf, dtype=torch.float64)
+    worst_chosen = torch.where(chosen, gates.cpu() + slack.cpu(), inf).min(1).values
+    best_unchosen = torch.where(unchosen, gates.cpu(), -inf).max(1).values
+    assert (worst_chosen >= best_unchosen).all(), "an unchosen block has a clearly larger gate than a chosen one"
 
 
 def reference_head(q, k, v, block_size, top_k, scale=None):

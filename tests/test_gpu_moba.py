@@ -3,7 +3,7 @@
 bf16 and fp16 against float64 attention per head up to S = 8K, and at 32K and 128K against the float32
 torch rung (efficient.attend), in both cases given the Triton router's routing: a near-tie between two
 gates may legitimately flip one block, so routing is checked on its own (against routing.py) and
-attention is compared given one routing (DESIGN.md §1).
+attention is compared given one routing (docs/design.md §1).
 """
 
 import math
@@ -107,7 +107,8 @@ def test_chunks_change_nothing_on_gpu():
     one = moba_forward(q, k, v, lengths, 256, 6, 0.1, partial_budget=2**40)
     many = moba_forward(q, k, v, lengths, 256, 6, 0.1, partial_budget=2**22)
     assert many[2].n_chunks > 1 == one[2].n_chunks
-    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    torch.testing.assert_close(many[0], one[0])   # bfloat16's tolerance: partials merge in another order
+    torch.testing.assert_close(many[1], one[1])
 
 
 def test_api_and_errors_on_gpu():

@@ -1,4 +1,4 @@
-"""Corner identities of MoBA (DESIGN.md §1), checked against independent computations."""
+"""Corner identities of MoBA (docs/design.md §1), checked against independent computations."""
 
 import torch
 from hypothesis import given

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md §2 gets its named error, before any rung runs."""
+"""Every bad input of docs/design.md §2 gets its named error, before any rung runs."""
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 import moba_edu as me
 from moba_edu import kernels
-from reference import reference_moba, reference_moba_varlen
+from reference import assert_valid_routing, reference_moba, reference_moba_varlen
 from strategies import cases, rel_err, varlen_cases
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRET, reason="runs the kernels under the CPU interpreter")
@@ -35,8 +35,12 @@ def as_packed(x):
 def test_router_matches_routing(case):
     q, k, _ = case.tensors(torch.float32)
     routed = triton_routed(as_packed(q), as_packed(k), case.block_size, case.top_k, [case.S] * case.B)
-    expected = me.route(q, k, block_size=case.block_size, top_k=case.top_k).indices[..., 1:]  # [B, Hq, S, R]
-    assert torch.equal(routed.view(case.Hq, case.B, case.S, -1).transpose(0, 1).long(), expected)
+    routed = routed.view(case.Hq, case.B, case.S, -1).transpose(0, 1)  # [B, Hq, S, R]
+    assert routed.shape[-1] == min(case.top_k, case.n_blocks) - 1
+    g = case.Hq // case.Hkv
+    for b in range(case.B):
+        for h in range(case.Hq):
+            assert_valid_routing(routed[b, h], q[b, h], k[b, h // g], case.block_size, case.top_k)
 
 
 @FEW
@@ -48,11 +52,12 @@ def test_router_varlen_restarts_blocks(case):
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        batch = lambda x: x[start:end].transpose(0, 1)[None]  # noqa: E731
-        expected = me.route(batch(q), batch(k), block_size=case.block_size, top_k=case.top_k).indices[0, ..., 1:]
-        got = routed[:, start:end, :expected.shape[-1]].long()
-        assert torch.equal(got, expected)
-        assert (routed[:, start:end, expected.shape[-1]:] == -1).all()   # slots past this sequence's blocks
+        R = min(case.top_k, -(-(end - start) // case.block_size)) - 1
+        g = case.Hq // case.Hkv
+        for h in range(case.Hq):
+            assert_valid_routing(routed[h, start:end, :R], q[start:end, h], k[start:end, h // g],
+                                 case.block_size, case.top_k)
+        assert (routed[:, start:end, R:] == -1).all()   # slots past this sequence's blocks
 
 
 def test_schedule_lists_every_pair_once():
@@ -112,14 +117,16 @@ def test_low_precision(dtype, tol):
 
 
 def test_chunks_change_nothing():
-    """A partial buffer too small for one chunk (many chunks) gives the same bits as one chunk."""
+    """A partial buffer too small for one chunk (many chunks) computes the same as one chunk, up to
+    float32 rounding (the chunks merge partials in another order)."""
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(90, h, 16, generator=gen) for h in (2, 1, 1))
     lengths = (50, 0, 40)
     one = moba_forward(q, k, v, lengths, 8, 4, 0.25)
     many = moba_forward(q, k, v, lengths, 8, 4, 0.25, partial_budget=1)
     assert many[2].n_chunks == many[2].layout.NT > one[2].n_chunks == 1
-    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    torch.testing.assert_close(many[0], one[0])
+    torch.testing.assert_close(many[1], one[1])
 
 
 @pytest.mark.parametrize("top_k", [1, 9])

@@ -38,7 +38,7 @@ def causal_lse(q, k, scale=None):
 @pytest.mark.parametrize("n, block", [(1, 16), (37, 16), (64, 32), (130, 64)])
 def test_add_matches_torch_including_the_ragged_tail(n, block):
     x, y = randn(n, seed=1), randn(n, seed=2)
-    assert torch.equal(primer.add(x, y, block=block), x + y)
+    torch.testing.assert_close(primer.add(x, y, block=block), x + y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -119,7 +119,7 @@ def test_flash_forward_empty_sequence():
 @pytest.mark.gpu
 def test_primer_at_gpu_sizes():
     x, y = randn(1_000_003, seed=1), randn(1_000_003, seed=2)
-    assert torch.equal(primer.add(x, y, block=1024), x + y)
+    torch.testing.assert_close(primer.add(x, y, block=1024), x + y)
     rows = randn(4096, 1000, dtype=torch.float16)
     torch.testing.assert_close(primer.softmax(rows).float(), rows.float().softmax(-1), atol=1e-3, rtol=1e-3)
     a, b = randn(1000, 1030, dtype=torch.float16, seed=3), randn(1030, 990, dtype=torch.float16, seed=4)
