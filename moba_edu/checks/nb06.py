@@ -106,6 +106,12 @@ def _tol() -> float:
     return 1e-4 if INTERPRET else 5e-3
 
 
+def _grid(gen, *shape):
+    """Random multiples of 1/8 in [-2, 2]: exact in TF32 and bfloat16, so that a GPU's TF32 `tl.dot` of
+    them is exact and only the float32 accumulation rounds (scores stay exact even near 500)."""
+    return torch.randint(-16, 17, shape, generator=gen).float() / 8
+
+
 def _close(answer, right) -> bool:
     return all(a.shape == r.shape and bool(torch.isfinite(a).all()) and
                float((a.double() - r.double()).norm()) <= _tol() * max(1.0, float(r.double().norm()))
@@ -120,7 +126,7 @@ def check_attend_step(attend_step) -> None:
 
     dev, M, D, scale = sandbox.device(), 16, 16, 0.3
     gen = torch.Generator().manual_seed(61)
-    q, k, v = torch.randn(M, D, generator=gen), torch.randn(1, M, D, generator=gen), torch.randn(1, M, D, generator=gen)
+    q, k, v = _grid(gen, M, D), _grid(gen, 1, M, D), _grid(gen, 1, M, D)
     visible = torch.rand(1, M, M, generator=gen) < 0.6
     visible[0, :2] = False                                   # two rows see no key of this tile
     m = torch.randn(M, generator=gen) + torch.tensor([-3.0, 3.0]).repeat(M // 2)   # some rows raise m
@@ -145,8 +151,8 @@ def check_attend_step(attend_step) -> None:
     }, _close, "(m_i, l_i, acc) after one tile differ from the online-softmax step: s = q k^T * qk_scale, -inf "
        "where hidden, m_new = max(m_i, rowmax(s)), alpha = exp(m_i - m_new), p = exp(s - m_new)")
 
-    n, big = 3, 8.0                                          # scores near 100: a plain exp overflows
-    k, v = torch.randn(n, M, D, generator=gen), torch.randn(n, M, D, generator=gen)
+    n, big = 3, 8.0                                          # scores in the hundreds: a plain exp overflows
+    k, v = _grid(gen, n, M, D), _grid(gen, n, M, D)
     visible = torch.rand(n, M, M, generator=gen) < 0.5
     visible[0, :, 0] = True                                  # every row sees a key in the first tile
     state = [torch.full((M,), -math.inf, device=dev), torch.zeros(M, device=dev), torch.zeros(M, D, device=dev)]
@@ -200,7 +206,7 @@ def check_walk_blocks(walk_blocks) -> None:
              "end = the block's end (q_end for the own block)"}
     for (B, Hq, Hkv, S, D, block_size, top_k) in [(1, 2, 1, 40, 16, 12, 3), (1, 1, 1, 64, 8, 32, 2)]:
         gen = torch.Generator().manual_seed(S)
-        q, k, v = (torch.randn(B, h, S, D, generator=gen) for h in (Hq, Hkv, Hkv))
+        q, k, v = (_grid(gen, B, h, S, D) for h in (Hq, Hkv, Hkv))
         indices = route(q, k, block_size=block_size, top_k=top_k).indices
         run = lambda: teaching.moba_forward(*(x.to(dev) for x in (q, k, v, indices)), block_size,  # noqa: E731
                                             walk=walk_blocks, block_m=block_m, block_n=block_n)
