@@ -23,8 +23,8 @@ def test_points_cover_every_length_configuration_and_shape_in_run_order():
                 for bs, k in ((512, 3), (128, 8), (4096, 12)) for B, Hq, Hkv in ((1, 16, 16), (8, 32, 8))}
     assert len(names) == len(set(names)) == 24 and set(names) == expected
     assert "S131072-bs512-k3-h16x16-B1" in names and names[0].startswith("S32768-")
-    lengths = [params["S"] for _, params in decode.points()]
-    assert lengths == sorted(lengths)                                       # short ones first
+    order = [(params["B"], params["S"]) for _, params in decode.points()]
+    assert order == sorted(order)                                           # B = 1 first, short ones first
     for name, params in decode.points():
         assert name == harness.point_name(S=params["S"], block_size=params["block_size"], top_k=params["top_k"],
                                           heads=(params["Hq"], params["Hkv"]), B=params["B"])

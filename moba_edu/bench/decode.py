@@ -62,11 +62,12 @@ def decode_bytes(S: int, Hkv: int, block_size: int, top_k: int, D: int = GPU_HEA
 
 
 def points() -> list[tuple[str, dict]]:
-    """By length first (a run cut short keeps the short ones), then shape, then configuration: the
-    points of one shape follow each other and share its keys and values."""
+    """B = 1 first (the goals' shape), then B = 8; within each, by length (a run cut short keeps the short
+    ones), then configuration: the points of one shape and length follow each other and share its keys
+    and values."""
     return [(point_name(S=S, block_size=bs, top_k=k, heads=(Hq, Hkv), B=B),
              dict(B=B, Hq=Hq, Hkv=Hkv, S=S, block_size=bs, top_k=k))
-            for S in SEQ_LENS for B, Hq, Hkv in SHAPES for bs, k in CONFIGS]
+            for B, Hq, Hkv in SHAPES for S in SEQ_LENS for bs, k in CONFIGS]
 
 
 def memory_plan(B: int, Hkv: int, S: int, block_size: int, D: int = GPU_HEAD_DIM, itemsize: int = 2) -> dict:
