@@ -19,7 +19,7 @@ launch-bound where its floor is below the fixed cost of a step (`step_overhead_m
 cache of two tiny blocks); there the floor goal does not apply.
 
 Memory: every cache is built once per point by bulk `append`s of 64K tokens from dense keys and values
-that are kept (drawn once per shape, shared by its three configurations and by SDPA). B = 8 at 1M
+that are kept (drawn once per shape and length, shared by its three configurations and by SDPA). B = 8 at 1M
 tokens is 8 x 1M x 8 heads x 128 x 2 bytes x 2 (k and v) = 32 GiB dense, as much again in pages: a point
 whose `memory_plan` exceeds MEMORY_FRACTION of the GPU is skipped and says so in its JSON.
 
