@@ -62,7 +62,9 @@ class MobaKVCache:
         self.max_seqlen = check_int(max_seqlen, "max_seqlen")
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
-        self.dtype, self.device = dtype, torch.device(device if device is not None else "cpu")
+        self.dtype = dtype
+        # the device a tensor made there reports ("cuda" -> "cuda:0"), so that comparisons with inputs hold
+        self.device = torch.empty(0, device=device if device is not None else "cpu").device
         pages_per_seq = num_blocks(self.max_seqlen, self.block_size)
         n_pages = self.batch_size * pages_per_seq
         shape = (n_pages, self.block_size, self.num_kv_heads, self.head_dim)
