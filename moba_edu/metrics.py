@@ -55,7 +55,9 @@ def router_recall(model, tokens: torch.Tensor, block_size: int, top_k: int) -> l
     """Per layer, the attention mass MoBA's router keeps over what the oracle keeps with the same top_k
     (1 = as good as the oracle), on tokens [B, S]. A full-attention layer is scored on what the
     router would choose there. Mean over the queries from block top_k on, the first that have more
-    eligible blocks than they may route to (earlier queries keep everything)."""
-    curves = [recall_curve(q, k, block_size, queries=slice(top_k * block_size, None))
+    eligible blocks than they may route to (earlier queries keep everything); all queries when top_k
+    covers every block (then the recall is 1)."""
+    first = top_k * block_size if top_k * block_size < tokens.shape[-1] else 0
+    curves = [recall_curve(q, k, block_size, queries=slice(first, None))
               for q, k in capture_qk(model, tokens)]
     return [curve.recall[min(top_k, len(curve.recall)) - 1] for curve in curves]
