@@ -1,56 +1,37 @@
-"""The public entry points (DESIGN.md §2): check the arguments, pick a rung, call it.
+"""The public entry points (docs/design.md §2): check the arguments, pick a rung, call it.
 
-A rung is a module with
+A rung is a module (`RUNGS`) with
     moba_attention(q, k, v, block_size, top_k, scale) -> (o [B,Hq,S,D], lse [B,Hq,S])
 and, optionally, a native packed version
-    moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, scale)
-        -> (o [T,Hq,D], lse [Hq,T])
-where cu_seqlens has been checked and max_seqlen is an int. Rungs without a packed version are run
-once per sequence here. A rung may also define `unsupported(q, k, v) -> Exception | None`: the error
-(a TypeError or ValueError naming the argument) for inputs it cannot take, None when it can. An
-explicit impl raises it; impl="auto" falls back to the torch rung instead.
+    moba_attention_varlen(q, k, v, cu_seqlens, block_size, top_k, scale) -> (o [T,Hq,D], lse [Hq,T])
+where cu_seqlens has been checked. Rungs without a packed version are run once per sequence here. A
+rung may also define `unsupported(q, k, v) -> Exception | None`: the error (a TypeError or ValueError
+naming the argument) for inputs it cannot take, None when it can. An explicit impl raises it;
+impl="auto" falls back to the torch rung instead.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-
 import torch
 
+from . import efficient, kernels, naive
 from .inputs import check_cu_seqlens, check_impl, check_int, check_scale, check_tensors
 
-RUNG_MODULES = {"naive": "moba_edu.naive", "torch": "moba_edu.efficient", "triton": "moba_edu.kernels"}
-
-
-def _load_rung(impl: str):
-    loaded = sys.modules.get(RUNG_MODULES[impl])  # torch.compile traces a dict lookup, not import_module
-    if loaded is not None:
-        return loaded
-    try:
-        return importlib.import_module(RUNG_MODULES[impl])
-    except ModuleNotFoundError as err:
-        if err.name != RUNG_MODULES[impl] or impl == "naive":
-            raise
-        raise ValueError(f"impl={impl!r} is not available: that rung has not been built yet") from None
-
-
-def _rung_available(impl: str) -> bool:
-    return importlib.util.find_spec(RUNG_MODULES[impl]) is not None
+# A module-level dict of modules: torch.compile(fullgraph=True) traces the lookup (importing a module
+# by name inside the call would not trace). `moba_edu.kernels` is cheap to import: its submodules
+# import triton only when a kernel first runs.
+RUNGS = {"naive": naive, "torch": efficient, "triton": kernels}
 
 
 def _pick_rung(impl: str, q, k, v):
     if impl == "auto":
-        if q.is_cuda and _rung_available("triton"):
-            kernels = _load_rung("triton")
-            if kernels.COMPLETE and kernels.unsupported(q, k, v) is None:
-                return kernels
-        return _load_rung("torch" if _rung_available("torch") else "naive")
-    rung = _load_rung(impl)
-    error = getattr(rung, "unsupported", lambda *_: None)(q, k, v)
+        return kernels if q.is_cuda and kernels.unsupported(q, k, v) is None else efficient
+    rung = RUNGS[impl]
+    error = rung.unsupported(q, k, v) if hasattr(rung, "unsupported") else None
     if error is not None:
         raise error
+    if rung is kernels:
+        kernels.warn_if_interpreted(stacklevel=4)  # points at the caller of the public function
     return rung
 
 
@@ -63,12 +44,12 @@ def _autocast(q, k, v):
     return q, k, v
 
 
-def _common(q, k, v, rank, layout, block_size, top_k, scale, impl):
+def _common(q, k, v, rank, layout, caller, block_size, top_k, scale, impl):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     q, k, v = _autocast(q, k, v)
-    check_tensors(q, k, v, rank=rank, layout=layout)
+    check_tensors(q, k, v, rank=rank, layout=layout, caller=caller)
     block_size = check_int(block_size, "block_size")
     top_k = check_int(top_k, "top_k")
     scale = check_scale(scale, q.shape[-1])
@@ -79,12 +60,19 @@ def _common(q, k, v, rank, layout, block_size, top_k, scale, impl):
 def moba_attention(q, k, v, *, block_size, top_k, scale=None, impl="auto", return_lse=False):
     """Causal MoBA attention.
 
-    q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] with Hq a multiple of Hkv. Returns o [B, Hq, S, D] in q's
-    dtype, and with return_lse also lse float32 [B, Hq, S], the log-sum-exp of each query's scaled
-    scores over the keys it attends. `scale` defaults to 1/sqrt(D). `impl`: "naive", "torch",
-    "triton" or "auto" (DESIGN.md §2).
+    q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] with Hq a multiple of Hkv (heads before the sequence: for
+    [B, S, H, D] tensors call .transpose(1, 2) first; with Hq = Hkv such tensors are not rejected but
+    silently read as [B, H, S, D], a wrong answer). Returns o [B, Hq, S, D] in q's dtype, and with
+    return_lse also lse float32 [B, Hq, S], the log-sum-exp of each query's scaled scores over the
+    keys it attends. `scale` defaults to 1/sqrt(D). `impl`: "naive", "torch", "triton" or "auto"
+    (docs/design.md §2); "triton" without a CUDA GPU runs Triton's interpreter, seconds per call (it
+    warns once per process; set `moba_edu.kernels.warn_interpreter = False` to silence it).
+
+    Inputs are not checked for NaN or inf: a NaN in one key makes its block's mean NaN, top-k ranks
+    NaN first, so every query for which that block is eligible routes to it and its output is NaN.
     """
-    q, k, v, block_size, top_k, scale = _common(q, k, v, 4, "[B,H,S,D]", block_size, top_k, scale, impl)
+    q, k, v, block_size, top_k, scale = _common(q, k, v, 4, "[B,H,S,D]", "moba_attention", block_size, top_k,
+                                                 scale, impl)
     rung = _pick_rung(impl, q, k, v)
     with torch.autocast(q.device.type, enabled=False):
         o, lse = rung.moba_attention(q, k, v, block_size, top_k, scale)
@@ -96,16 +84,19 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, block_size, top_k,
     """Causal MoBA attention over packed sequences (flash-attn's varlen convention).
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; cu_seqlens: int32/int64 [n+1], sequence i holds tokens
-    cu_seqlens[i]:cu_seqlens[i+1] (length 0 allowed); max_seqlen: the longest length. Blocks restart at
-    every sequence start and no query sees another sequence. Returns o [T, Hq, D] and, with
-    return_lse, lse float32 [Hq, T] (flash-attn's layout).
+    cu_seqlens[i]:cu_seqlens[i+1] (length 0 allowed). max_seqlen: an int at least the longest length,
+    as flash-attn asks; it is validated only: every rung reads the lengths from cu_seqlens, so a larger
+    max_seqlen changes nothing. Blocks restart at every sequence start and no query sees another
+    sequence. Returns o [T, Hq, D] and, with return_lse, lse float32 [Hq, T] (flash-attn's layout).
+    NaN and impl="triton" on a CPU: as in `moba_attention`.
     """
-    q, k, v, block_size, top_k, scale = _common(q, k, v, 3, "[T,H,D]", block_size, top_k, scale, impl)
+    q, k, v, block_size, top_k, scale = _common(q, k, v, 3, "[T,H,D]", "moba_attention_varlen", block_size,
+                                                 top_k, scale, impl)
     offsets = check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
     rung = _pick_rung(impl, q, k, v)
     with torch.autocast(q.device.type, enabled=False):
         if hasattr(rung, "moba_attention_varlen"):
-            o, lse = rung.moba_attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), block_size, top_k, scale)
+            o, lse = rung.moba_attention_varlen(q, k, v, cu_seqlens, block_size, top_k, scale)
         else:
             o, lse = _per_sequence(rung, q, k, v, offsets.tolist(), block_size, top_k, scale)
     return (o, lse) if return_lse else o

@@ -113,7 +113,7 @@ def torch_bytes(B: int, Hq: int, Hkv: int, S: int, D: int, block_size: int, top_
     as many rows as keys). Besides: the partial outputs [T, Hq, top_k - 1, D] (zeros and filled),
     the own-block output, the packed copies of q, k, v and the key/value blocks gathered from them:
     (2 Hq top_k + 4 Hkv) B S D floats.
-    The router's gate chunks (<= efficient.GATE_BUDGET floats) are freed before attention starts.
+    The router's gate chunks (<= routing.GATE_BUDGET floats) are freed before attention starts.
     """
     N = num_blocks(S, block_size)
     rows = Hq * B * S * (top_k - 1) + Hkv * B * N * block_size / 2

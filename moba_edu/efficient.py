@@ -26,9 +26,9 @@ numbered globally in token order (`BlockTable`), so blocks restart at every sequ
 ever meets another sequence's keys. Grouped-query heads (Hq = g * Hkv) are handled by stacking the g
 query heads that share a key/value head as extra query rows, never by repeating k and v.
 
-Routing is routing.py's, run without gradient (top-k is piecewise constant, as in rung 1), with the
-[S, N] gate matrix built a chunk of queries at a time (`route_in_chunks`). Attention is
-differentiated by autograd through the gathers and scatters.
+Routing is routing.py's `route_indices`, without gradient (top-k is piecewise constant, as in rung 1),
+with the [S, N] gates built a chunk of queries at a time. Attention is differentiated by autograd
+through the gathers and scatters.
 """
 
 from __future__ import annotations
@@ -37,42 +37,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .routing import block_means, eligible, num_blocks, select_blocks
-
-# Gate entries (float32) the router may hold at once: 2**22 of them are 16 MiB. Past that, queries are
-# routed a chunk of rows at a time.
-GATE_BUDGET = 2**22
-
+from .routing import route_indices
 
 def tile_rows(block_size: int) -> int:
     """Rows (queries) per routed tile: as many as a block has keys, at least 16. A tile's scores are
     [rows, block_size]; each (block, head) wastes under one tile of padding, so the padding costs at
     most as much as the own-block scores."""
     return max(16, block_size)
-
-
-def route_in_chunks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
-                    gate_budget: int = GATE_BUDGET) -> torch.Tensor:
-    """`routing.route(q, k, ...).indices`, holding at most about `gate_budget` gates at a time.
-
-    q: [B, Hq, S, D], k: [B, Hkv, S, D] -> int64 [B, Hq, S, min(top_k, N)] (own block first, then the
-    routed blocks by descending gate, then -1). The gates of a chunk of rows are routing.gate_scores's
-    dot products against block means computed once, masked by routing.eligible for those rows.
-    """
-    B, Hq, S, _ = q.shape
-    g = Hq // k.shape[1]
-    N = num_blocks(S, block_size)
-    if S == 0:
-        return torch.empty(B, Hq, 0, 0, dtype=torch.int64, device=q.device)
-    means_t = block_means(k, block_size).repeat_interleave(g, dim=1).transpose(-1, -2)  # [B, Hq, D, N], small
-    rows = max(1, gate_budget // max(1, B * Hq * N))
-    chunks = []
-    for start in range(0, S, rows):
-        q_rows = q[:, :, start:start + rows]
-        scores = q_rows.detach().float() @ means_t  # [B, Hq, rows, N]
-        ineligible = ~eligible(q_rows.shape[2], block_size, q.device, start=start, n_blocks=N)
-        chunks.append(select_blocks(scores.masked_fill(ineligible, float("-inf")), block_size, top_k, start=start))
-    return torch.cat(chunks, dim=2)
 
 
 @dataclass
@@ -209,8 +180,7 @@ def moba_attention(q, k, v, block_size: int, top_k: int, scale: float):
     """Efficient MoBA. q: [B, Hq, S, D], k, v: [B, Hkv, S, D] -> o [B, Hq, S, D] (q's dtype),
     lse [B, Hq, S] (float32; float64 for float64 inputs)."""
     B, Hq, S, D = q.shape
-    with torch.no_grad():
-        indices = route_in_chunks(q, k, block_size, top_k)
+    indices = route_indices(q, k, block_size=block_size, top_k=top_k)
     table = BlockTable.build(torch.arange(B + 1, device=q.device) * S, S, block_size)
     routed = _global_routed(indices, table.first)
     routed = routed.transpose(1, 2).reshape(B * S, Hq, routed.shape[-1])  # [T, Hq, R]
@@ -219,12 +189,12 @@ def moba_attention(q, k, v, block_size: int, top_k: int, scale: float):
     return o.view(B, S, Hq, D).transpose(1, 2).contiguous(), lse.view(Hq, B, S).transpose(0, 1).contiguous()
 
 
-def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int, top_k: int, scale: float):
+def moba_attention_varlen(q, k, v, cu_seqlens, block_size: int, top_k: int, scale: float):
     """Efficient MoBA on packed sequences. q: [T, Hq, D], k, v: [T, Hkv, D], cu_seqlens [n+1]
     -> o [T, Hq, D], lse [Hq, T].
 
     The router pads the sequences to a [n, H, longest, D] grid (routing.py works on that layout; a
-    padded position's gates are never read); attention runs on the packed tokens.
+    padded position's routing is never read); attention runs on the packed tokens.
     """
     cu = cu_seqlens.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
@@ -233,8 +203,7 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
     position = torch.arange(longest, device=q.device)
     real = position < lengths[:, None]  # [n, longest]
     grid = torch.where(real, cu[:-1, None] + position, 0)  # token of each grid cell (0 where padding)
-    with torch.no_grad():
-        padded = lambda x: x.detach()[grid].transpose(1, 2)  # noqa: E731  [T,H,D] -> [n,H,longest,D]
-        indices = route_in_chunks(padded(q), padded(k), block_size, top_k)
+    padded = lambda x: x.detach()[grid].transpose(1, 2)  # noqa: E731  [T,H,D] -> [n,H,longest,D]
+    indices = route_indices(padded(q), padded(k), block_size=block_size, top_k=top_k)
     routed = _global_routed(indices, table.first).transpose(1, 2)[real]  # [T, Hq, R]
     return attend(q, k, v, table, routed, scale)

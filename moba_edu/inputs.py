@@ -1,4 +1,4 @@
-"""Argument checking shared by every entry point (DESIGN.md §2).
+"""Argument checking shared by every entry point (docs/design.md §2).
 
 Every bad input gets a `TypeError` or `ValueError` whose message names the argument and says what was
 expected, before any rung runs: a wrong shape must never surface as an IndexError deep in a kernel.
@@ -39,35 +39,45 @@ def check_impl(impl) -> str:
     return impl
 
 
-def check_tensors(q, k, v, rank: int, layout: str) -> None:
-    """Types, dtypes, devices and shapes of q, k, v.
+def _listing(names: list[str]) -> str:
+    """["q", "k", "v"] -> "q, k and v"; ["q", "k"] -> "q and k"."""
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def check_tensors(q, k, v, rank: int, layout: str, caller: str) -> None:
+    """Types, dtypes, devices and shapes of q, k and v (v None: q and k only, for the router).
 
     `layout` is "[B,H,S,D]" (rank 4) or "[T,H,D]" (rank 3); in both the head axis is axis 1, the only
-    axis on which q (Hq heads) and k, v (Hkv heads) may differ.
+    axis on which q (Hq heads) and k, v (Hkv heads) may differ. `caller` names the public function in
+    the layout hint of a shape mismatch.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    names = _listing([name for name, _ in named])
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
             )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    got = ", ".join(f"{name} {t.dtype}" for name, t in named)
+    if len({t.dtype for _, t in named}) > 1:
+        raise TypeError(f"{names} must share one dtype, got {got}")
+    if len({t.device for _, t in named}) > 1:
+        raise ValueError(f"{names} must be on one device, got " + ", ".join(f"{n} {t.device}" for n, t in named))
+    for name, t in named:
         if t.dim() != rank:
             raise ValueError(f"{name} must have shape {layout} (rank {rank}), got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
+    if v is not None and k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     head_axis = 1
     q_rest = tuple(s for i, s in enumerate(q.shape) if i != head_axis)
     k_rest = tuple(s for i, s in enumerate(k.shape) if i != head_axis)
     if q_rest != k_rest:
+        hint = f" ({caller} takes {layout}; for [B,S,H,D] tensors, transpose(1, 2) first)" if rank == 4 else ""
         raise ValueError(
             f"q and k must agree on every axis of {layout} but the head axis, "
-            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+            f"got q {tuple(q.shape)} and k {tuple(k.shape)}{hint}"
         )
     hq, hkv = q.shape[head_axis], k.shape[head_axis]
     if hkv == 0 or hq % hkv != 0:
@@ -80,8 +90,9 @@ def check_tensors(q, k, v, rank: int, layout: str) -> None:
 def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -> torch.Tensor:
     """cu_seqlens: int32/int64 [n+1], starts at 0, non-decreasing, ends at `total` (= T).
 
-    `device` is q's device. Returns the offsets as an int64 CPU tensor (for Python-side loops);
-    `max_seqlen` must be an int at least the longest sequence.
+    `device` is q's device. Returns the offsets as an int64 CPU tensor (for Python-side loops).
+    `max_seqlen` must be an int at least the longest sequence, as flash-attn asks; it is validated
+    only (every rung reads the lengths from cu_seqlens).
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .routing import _route
+from .routing import indices_to_mask, num_blocks, route_indices
 
 
 def token_mask(block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -26,16 +26,17 @@ def token_mask(block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def moba_attention(q, k, v, block_size: int, top_k: int, scale: float):
     """Dense-mask MoBA. Returns o [B, Hq, S, D] (dtype of q) and lse [B, Hq, S] (float32; float64 for
-    float64 inputs), the natural log-sum-exp of each query's scaled scores over the keys it attends."""
+    float64 inputs), the natural log-sum-exp of each query's attention logits q . k * scale over the keys
+    it attends."""
     g = q.shape[1] // k.shape[1]
-    with torch.no_grad():
-        mask = token_mask(_route(q, k, block_size, top_k).mask, block_size)  # [B, Hq, S, S]
+    indices = route_indices(q, k, block_size=block_size, top_k=top_k)  # no gradient: top-k is piecewise constant
+    mask = token_mask(indices_to_mask(indices, num_blocks(q.shape[2], block_size)), block_size)  # [B, Hq, S, S]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     k = k.repeat_interleave(g, dim=1).to(compute)
     v = v.repeat_interleave(g, dim=1).to(compute)
-    scores = (q.to(compute) @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))  # every query keeps at least itself
-    lse = scores.logsumexp(dim=-1)
-    probs = torch.exp(scores - lse[..., None])
+    logits = (q.to(compute) @ k.transpose(-1, -2)) * scale  # attention's scaled q . k (not the router's)
+    logits = logits.masked_fill(~mask, float("-inf"))  # every query keeps at least itself
+    lse = logits.logsumexp(dim=-1)
+    probs = torch.exp(logits - lse[..., None])
     o = probs @ v
     return o.to(q.dtype), lse

@@ -1,8 +1,15 @@
-"""The MoBA router: block means, gates, eligibility and top-k (DESIGN.md §1).
+"""The MoBA router: block means, scores, gates, eligibility and top-k (docs/design.md §1).
 
 Every rung (naive, torch, triton) routes exactly as this file says; the Triton router kernel is tested
 against it. The router has no parameters: a query scores each key block by the dot product of the query
 with the block's mean key, and keeps its own block plus the `top_k - 1` best blocks wholly in its past.
+
+Vocabulary: `scores` are the raw q_t . mean_k(j) of every block; `gates` are the scores with the
+ineligible blocks (j >= t // block_size) set to -inf, what top-k ranks.
+
+Two entry points: `route` returns every decision for inspection ([S, N] tensors: small S);
+`route_indices` returns only the chosen blocks, holding a bounded number of gates at a time (what the
+rungs call).
 
 Shapes: q [B, Hq, S, D], k [B, Hkv, S, D], N = ceil(S / block_size) blocks, g = Hq // Hkv.
 """
@@ -13,6 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .inputs import check_int, check_tensors
+
+# Gate entries (float32) `route_indices` may hold at once: 2**22 of them are 16 MiB. Past that, queries
+# are routed a chunk of rows at a time.
+GATE_BUDGET = 2**22
+
 
 @dataclass
 class Routing:
@@ -21,7 +34,7 @@ class Routing:
     indices: int64 [B, Hq, S, min(top_k, N)]: own block first, then routed blocks by descending gate,
              then -1 where fewer blocks were eligible.
     mask:    bool [B, Hq, S, N], True where query t attends block j.
-    scores:  float32 [B, Hq, S, N], the raw gate q_t . mean_k(j) of every block.
+    scores:  float32 [B, Hq, S, N], the raw score q_t . mean_k(j) of every block.
     gates:   float32 [B, Hq, S, N], scores with ineligible blocks (j >= t // block_size) set to -inf.
     """
 
@@ -40,7 +53,7 @@ def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean key of every block, accumulated and kept in float32.
 
     k: [B, Hkv, S, D] -> [B, Hkv, N, D] float32. A short last block is averaged over its real tokens
-    only (its mean never matters for routing: the last block is never eligible, DESIGN.md §1).
+    only (its mean never matters for routing: the last block is never eligible, docs/design.md §1).
     """
     B, H, S, D = k.shape
     N = num_blocks(S, block_size)
@@ -53,7 +66,7 @@ def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def gate_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
     """scores[b, h, t, j] = q_t . mean_k(j) in float32, not scaled.
 
     q: [B, Hq, S, D], k: [B, Hkv, S, D] -> [B, Hq, S, N] float32. Query head h reads key head h // g.
@@ -106,21 +119,50 @@ def indices_to_mask(indices: torch.Tensor, n_blocks: int) -> torch.Tensor:
     return mask[..., :n_blocks]
 
 
+def _check(q, k, block_size, top_k, caller: str) -> tuple[int, int]:
+    check_tensors(q, k, None, rank=4, layout="[B,H,S,D]", caller=caller)
+    return check_int(block_size, "block_size"), check_int(top_k, "top_k")
+
+
 def route(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int) -> Routing:
-    """Route every query of q [B, Hq, S, D] to key blocks of k [B, Hkv, S, D]; see `Routing`."""
-    from .inputs import check_int, check_tensors
+    """Route every query of q [B, Hq, S, D] to key blocks of k [B, Hkv, S, D]; see `Routing`.
 
-    check_tensors(q, k, k, rank=4, layout="[B,H,S,D]")
-    block_size = check_int(block_size, "block_size")
-    top_k = check_int(top_k, "top_k")
-    with torch.no_grad():
-        return _route(q, k, block_size, top_k)
-
-
-def _route(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int) -> Routing:
+    For inspection: it holds [B, Hq, S, N] tensors (`route_indices` does not). A NaN or inf in one key
+    makes its block's mean, and so every query's score for that block, NaN; top-k ranks NaN above
+    every number, so each query for which that block is eligible picks it (and reads the bad key).
+    """
+    block_size, top_k = _check(q, k, block_size, top_k, "route")
     S = q.shape[2]
-    scores = gate_scores(q, k, block_size)
-    gates = scores.masked_fill(~eligible(S, block_size, q.device), float("-inf"))
-    indices = select_blocks(gates, block_size, top_k)
-    mask = indices_to_mask(indices, num_blocks(S, block_size))
+    with torch.no_grad():
+        scores = block_scores(q, k, block_size)
+        gates = scores.masked_fill(~eligible(S, block_size, q.device), float("-inf"))
+        indices = select_blocks(gates, block_size, top_k)
+        mask = indices_to_mask(indices, num_blocks(S, block_size))
     return Routing(indices=indices, mask=mask, scores=scores, gates=gates)
+
+
+def route_indices(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int,
+                  gate_budget: int = GATE_BUDGET) -> torch.Tensor:
+    """`route(q, k, ...).indices`, holding at most about `gate_budget` gates at a time.
+
+    q: [B, Hq, S, D], k: [B, Hkv, S, D] -> int64 [B, Hq, S, min(top_k, N)] (own block first, then the
+    routed blocks by descending gate, then -1). Block means are computed once; the scores of a chunk of
+    query rows are `block_scores`'s dot products against them, masked by `eligible` for those rows.
+    """
+    block_size, top_k = _check(q, k, block_size, top_k, "route_indices")
+    B, Hq, S, _ = q.shape
+    g = Hq // k.shape[1]
+    N = num_blocks(S, block_size)
+    if S == 0:
+        return torch.empty(B, Hq, 0, 0, dtype=torch.int64, device=q.device)
+    with torch.no_grad():
+        means_t = block_means(k, block_size).repeat_interleave(g, dim=1).transpose(-1, -2)  # [B, Hq, D, N]
+        rows = max(1, gate_budget // max(1, B * Hq * N))
+        chunks = []
+        for start in range(0, S, rows):
+            q_rows = q[:, :, start:start + rows]
+            scores = q_rows.detach().float() @ means_t  # [B, Hq, rows, N]
+            ineligible = ~eligible(q_rows.shape[2], block_size, q.device, start=start, n_blocks=N)
+            gates = scores.masked_fill(ineligible, float("-inf"))
+            chunks.append(select_blocks(gates, block_size, top_k, start=start))
+    return torch.cat(chunks, dim=2)

@@ -29,6 +29,13 @@ def attention(q, k, v, keep=lambda t, s: s <= t, scale=None, mask_after=False, f
     return scores.masked_fill(~keep(t, s), fill).softmax(-1) @ v
 
 
+def hand_lse(x, keepdim=False):
+    """log(sum(exp(x))) over the last dim, written out (the check forbids torch.logsumexp)."""
+    m = x.max(-1, keepdim=True).values
+    out = m + torch.log(torch.exp(x - m).sum(-1, keepdim=True))
+    return out if keepdim else out.squeeze(-1)
+
+
 def unstable_attention(q, k, v):
     S, D = q.shape
     w = torch.exp(q @ k.T / math.sqrt(D)) * torch.ones(S, S).tril()
@@ -90,9 +97,9 @@ ACCEPTED = [
     (nb00.check_causal_fraction, causal_fraction),
     (nb01.check_causal_attention, attention),
     (nb01.check_causal_attention, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-    (nb01.check_logsumexp, lambda x: torch.logsumexp(x, -1)),
+    (nb01.check_logsumexp, hand_lse),
     (nb02.check_block_means, means),
-    (nb02.check_gate_scores, lambda q, m: q.float() @ m.T),
+    (nb02.check_block_scores, lambda q, m: q.float() @ m.T),
     (nb02.check_eligible, lambda S, b: routing.eligible(S, b)),
     (nb02.check_eligible, eligibility(lambda t, j, b: (j + 1) * b <= t)),  # "ends before t" is the same rule
     (nb02.check_select_blocks, select),
@@ -138,13 +145,16 @@ MISTAKES = [
     (nb01.check_causal_attention, lambda q, k, v: attention(q, k, v, keep=lambda t, s: s >= 0), "no causal mask"),
     (nb01.check_causal_attention, lambda q, k, v: (q @ k.T).softmax(-1), "attention weights"),
     (nb01.check_causal_attention, unstable_attention, "overflowed"),
-    (nb01.check_logsumexp, lambda x: torch.logsumexp(x, -1) - math.log(x.shape[-1]), "averaged"),
+    (nb01.check_logsumexp, lambda x: hand_lse(x) - math.log(x.shape[-1]), "averaged"),
     (nb01.check_logsumexp, lambda x: x.max(-1).values, "only the maximum"),
     (nb01.check_logsumexp, lambda x: torch.log(torch.exp(x - x.max(-1, keepdim=True).values).sum(-1)),
      "did not add it back"),
     (nb01.check_logsumexp, lambda x: torch.log(torch.exp(x).sum(-1)), "overflowed"),
-    (nb01.check_logsumexp, lambda x: torch.logsumexp(x, -1, keepdim=True), "drop the kept dimension"),
-    (nb01.check_logsumexp, lambda x: torch.logsumexp(x.nan_to_num(neginf=0.0), -1), "-inf"),
+    (nb01.check_logsumexp, lambda x: hand_lse(x, keepdim=True), "drop the kept dimension"),
+    (nb01.check_logsumexp, lambda x: torch.logsumexp(x, -1), "you called torch.logsumexp"),
+    (nb01.check_logsumexp, lambda x: x.logsumexp(-1), "you called torch.Tensor.logsumexp"),
+    (nb01.check_logsumexp, lambda x: (x - F.log_softmax(x, -1))[..., 0], "you called torch.nn.functional.log_softmax"),
+    (nb01.check_logsumexp, lambda x: hand_lse(x.nan_to_num(neginf=0.0)), "-inf"),
     (nb02.check_block_means, padded_means, "padded tail mean"),
     (nb02.check_block_means, lambda k, b: means(k, b)[: k.shape[0] // b], "short last block is missing"),
     (nb02.check_block_means, lambda k, b: means(k, b) * torch.tensor(
@@ -152,9 +162,9 @@ MISTAKES = [
     (nb02.check_block_means, lambda k, b: means(k, b).to(k.dtype).float(), "rounded to the input dtype"),
     (nb02.check_block_means, lambda k, b: means(k, b).to(k.dtype), "float32"),
     (nb02.check_block_means, tail_by_remainder, "S % block_size is 0"),
-    (nb02.check_gate_scores, lambda q, m: q.float() @ m.T / math.sqrt(q.shape[1]), "a scaled gate"),
-    (nb02.check_gate_scores, lambda q, m: (q @ m.to(q.dtype).T).float(), "input dtype"),
-    (nb02.check_gate_scores, lambda q, m: m @ q.float().T, "transposed"),
+    (nb02.check_block_scores, lambda q, m: q.float() @ m.T / math.sqrt(q.shape[1]), "a scaled score"),
+    (nb02.check_block_scores, lambda q, m: (q @ m.to(q.dtype).T).float(), "input dtype"),
+    (nb02.check_block_scores, lambda q, m: m @ q.float().T, "transposed"),
     (nb02.check_eligible, eligibility(lambda t, j, b: j <= t // b), "own block was treated as eligible"),
     (nb02.check_eligible, eligibility(lambda t, j, b: j * b < t), "first token"),
     (nb02.check_eligible, eligibility(lambda t, j, b: j < t), "block index j with token index t"),
@@ -182,3 +192,16 @@ def test_environment_report_imports_neither_triton_nor_views():
             "print(sorted({'triton', 'matplotlib', 'ipywidgets'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_failed_check_shows_one_line_in_jupyter():
+    """IPython renders a Mistake by its `_render_traceback_`: the stored error is the message alone,
+    without the check's source (executed in a real kernel, as a notebook would)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import torch\nfrom moba_edu.checks import nb01\nnb01.check_logsumexp(lambda x: x.max(-1).values)")])
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
+    (error,) = [o for o in nb.cells[0].outputs if o.output_type == "error"]
+    assert error.ename == "Mistake" and error.traceback == [f"✗ {error.evalue}"]
+    assert error.evalue.startswith("returned only the maximum")

@@ -1,5 +1,7 @@
 """The exercise checks of notebook 04 accept the right answers and name each planted mistake."""
 
+import math
+
 import pytest
 import torch
 
@@ -14,13 +16,29 @@ def merge_two(o_a, lse_a, o_b, lse_b, slip=None):
     m = torch.maximum(lse_a, lse_b)
     if slip == "no max":
         m = torch.zeros_like(m)
-    if slip == "shift by b":  # right unless lse_b = -inf
+    if slip == "shift by b":  # right unless lse_b = -inf or lse_a >> lse_b
         m = lse_b
+    if slip == "shift by a":  # right unless lse_a = -inf or lse_b >> lse_a
+        m = lse_a
     w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
     lse = m + torch.log(w_a + w_b)
     if slip == "lse sum":
         lse = lse_a + lse_b
     return (w_a[:, None] * o_a + w_b[:, None] * o_b) / (w_a + w_b)[:, None], lse
+
+
+def merge_by_ratio(o_a, lse_a, o_b, lse_b):
+    """Weights from r = exp(lse_a - lse_b), empty partials special-cased: overflows when lse_a >> lse_b."""
+    r = torch.exp(lse_a - lse_b)
+    o = torch.where((lse_b == -math.inf)[:, None], o_a, (r[:, None] * o_a + o_b) / (r + 1)[:, None])
+    o = torch.where((lse_a == -math.inf)[:, None], o_b, o)
+    lse = torch.where(lse_b == -math.inf, lse_a, lse_b + torch.log1p(r))
+    return o, torch.where(lse_a == -math.inf, lse_b, lse)
+
+
+def test_merge_two_names_a_one_sided_overflow():
+    with pytest.raises(Mistake, match="when lse_a is near 200"):
+        nb04.check_merge_two(merge_by_ratio)
 
 
 def attended_pairs(S, block_size, top_k, slip=None):
@@ -41,6 +59,7 @@ def test_merge_two_accepts_the_right_merge(capsys):
     ("no max", "forgot to subtract the max"),
     ("lse sum", "you added lse_a and lse_b"),
     ("shift by b", "NaN where lse_b = -inf"),
+    ("shift by a", "NaN where lse_a = -inf"),
 ])
 def test_merge_two_names_the_mistake(slip, message):
     with pytest.raises(Mistake, match=message):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moba_edu.checks import Mistake, nb05
-from moba_edu.kernels import INTERPRET  # noqa: F401 (sets TRITON_INTERPRET=1 without CUDA before triton loads)
+from moba_edu.kernels import INTERPRET  # (sets TRITON_INTERPRET=1 without CUDA before triton loads)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -65,6 +65,22 @@ def tile_max_first_tile(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def tile_max_stored_per_lane(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n, other=-float("inf"))
+    tl.store(out_ptr + offsets, tl.zeros_like(x) + tl.max(x, axis=0))   # BLOCK values per program
+
+
+@triton.jit
+def tile_max_far_store(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n, other=-float("inf"))
+    tl.store(out_ptr + pid * 100_000_000, tl.max(x, axis=0))   # far outside: would crash the interpreter
+
+
+@triton.jit
 def tile_max_not_written(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     raise NotImplementedError()
 
@@ -75,13 +91,20 @@ def test_tile_max_accepts_the_right_kernel(capsys):
 
 
 @pytest.mark.parametrize("kernel, message", [
-    (tile_max_unmasked, "mask missing: out-of-bounds lanes read"),
+    (tile_max_unmasked, "mask missing: the last program loaded x past n"),
+    (tile_max_stored_per_lane, "you stored at out_ptr \\+ offsets"),
     (tile_max_zero_padding, "masked lanes were filled with 0"),
     (tile_max_first_tile, "every program read the first tile"),
 ])
 def test_tile_max_names_the_mistake(kernel, message):
     with pytest.raises(Mistake, match=message):
         nb05.check_tile_max(kernel)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU a store this far is an illegal address, not a named mistake")
+def test_tile_max_names_a_far_store_without_crashing():
+    with pytest.raises(Mistake, match="you stored at out_ptr"):
+        nb05.check_tile_max(tile_max_far_store)
 
 
 def test_tile_max_passes_on_not_implemented():

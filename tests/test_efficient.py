@@ -18,7 +18,7 @@ from strategies import cases, rel_err
 @given(case=cases(max_s=64), budget=st.integers(1, 200))
 def test_chunked_router_routes_exactly_like_route(case, budget):
     q, k, _ = case.tensors(torch.float32)
-    chunked = efficient.route_in_chunks(q, k, case.block_size, case.top_k, gate_budget=budget)
+    chunked = me.route_indices(q, k, block_size=case.block_size, top_k=case.top_k, gate_budget=budget)
     assert chunked.shape == me.route(q, k, block_size=case.block_size, top_k=case.top_k).indices.shape
     own = torch.arange(case.S) // case.block_size
     assert (chunked[..., 0] == own).all()
@@ -32,7 +32,7 @@ def test_router_chunks_when_the_gate_matrix_is_large():
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 2, 512, 8, generator=gen) for _ in range(2))
     for budget in (64, 1000, 2 * 32 * 100, None):  # 1, 15 and 100 rows per chunk; all at once
-        chunked = efficient.route_in_chunks(q, k, 16, 4, **({} if budget is None else {"gate_budget": budget}))
+        chunked = me.route_indices(q, k, block_size=16, top_k=4, **({} if budget is None else {"gate_budget": budget}))
         for h in range(2):
             assert_valid_routing(chunked[0, h, :, 1:], q[0, h], k[0, h], 16, 4)
 

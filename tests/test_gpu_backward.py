@@ -21,7 +21,7 @@ from test_gpu_moba import float64_given_routing, global_routed, random_qkv
 pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available() and not kernels.INTERPRET:
-    from moba_edu.kernels import router
+    from moba_edu.kernels import layout
     from moba_edu.kernels.moba_bwd import moba_backward
     from moba_edu.kernels.op import moba_fwd
 
@@ -68,7 +68,7 @@ def test_long_gradients_match_torch_rung(S, Hq, Hkv, block_size, top_k):
     do = random_qkv((1, Hq, S, 128), (1, Hq, S, 128), torch.bfloat16, 14)[0]
     scale = 128 ** -0.5
     got, routed = triton_grads(q, k, v, do, (S,) * 1, block_size, top_k, scale)
-    sched = types.SimpleNamespace(routed=routed, layout=router.layout((S,), block_size, q.device, True))
+    sched = types.SimpleNamespace(routed=routed, layout=layout.layout((S,), block_size, q.device, True))
     table = efficient.BlockTable.build(torch.tensor([0, S], device="cuda"), S, block_size)
     pack = lambda x: x[0].transpose(0, 1)  # noqa: E731  [1, H, S, D] -> [S, H, D]
     want = reference_grads(lambda q, k, v: efficient.attend(pack(q), pack(k), pack(v), table, global_routed(sched),
@@ -85,7 +85,7 @@ def test_deterministic_mode_on_gpu():
     q, k, v = random_qkv((9000, 8, 128), (9000, 2, 128), torch.bfloat16, 15)
     do = random_qkv((9000, 8, 128), (9000, 8, 128), torch.bfloat16, 16)[0]
     o, lse, routed = moba_fwd(q, k, v, list(lengths), 256, 6, 0.1)
-    lay = router.layout(lengths, 256, q.device, False)
+    lay = layout.layout(lengths, 256, q.device, False)
     run = lambda **kw: moba_backward(do, q, k, v, o, lse, routed, lay, 0.1, **kw)  # noqa: E731
     first, second = run(deterministic=True), run(deterministic=True)
     chunked, atomic = run(deterministic=True, partial_budget=2**24), run(deterministic=False)

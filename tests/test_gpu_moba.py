@@ -18,7 +18,6 @@ from strategies import rel_err
 pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available() and not kernels.INTERPRET:
-    from moba_edu.kernels import router
     from moba_edu.kernels.moba_fwd import moba_forward
 
 

@@ -1,9 +1,14 @@
-"""Every bad input of docs/design.md §2 gets its named error, before any rung runs."""
+"""Every bad input of docs/design.md §2 gets its named error, before any rung runs; max_seqlen is
+validated only; impl="triton" without a GPU warns once."""
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
 import moba_edu as me
+from moba_edu import kernels
 
 
 def qkv(B=1, Hq=2, Hkv=1, S=10, D=8, dtype=torch.float32):
@@ -83,12 +88,32 @@ def test_devices():
         call(q, k.to("meta"), v)
 
 
-def test_route_checks_its_arguments():
+@pytest.mark.parametrize("router", [me.route, me.route_indices])
+def test_route_checks_its_arguments(router):
     q, k, _ = qkv()
     with pytest.raises(ValueError, match="^top_k must be an int"):
-        me.route(q, k, block_size=4, top_k=0)
+        router(q, k, block_size=4, top_k=0)
     with pytest.raises(ValueError, match="q and k must agree"):
-        me.route(q, k[:, :, :5], block_size=4, top_k=1)
+        router(q, k[:, :, :5], block_size=4, top_k=1)
+    with pytest.raises(TypeError, match="^k must be a torch.Tensor"):
+        router(q, k.tolist(), block_size=4, top_k=1)
+
+
+@pytest.mark.parametrize("router", [me.route, me.route_indices])
+def test_route_mixed_dtypes_name_only_q_and_k(router):
+    q, k, _ = qkv()
+    with pytest.raises(TypeError, match=r"^q and k must share one dtype, got q torch.float32, k torch.float16$"):
+        router(q, k.half(), block_size=4, top_k=2)
+
+
+def test_sequence_before_heads_gets_a_layout_hint():
+    """[B, S, H, D] tensors with Hq != Hkv disagree on an axis; the error says how to fix the layout."""
+    q, k, v = (x.transpose(1, 2) for x in qkv(Hq=4, Hkv=2))
+    with pytest.raises(ValueError, match=r"moba_attention takes \[B,H,S,D\]; for \[B,S,H,D\] tensors, "
+                                         r"transpose\(1, 2\) first"):
+        call(q, k, v)
+    with pytest.raises(ValueError, match=r"route takes \[B,H,S,D\]"):
+        me.route(q, k, block_size=4, top_k=2)
 
 
 def packed(T=10, Hq=2, Hkv=1, D=8):
@@ -101,6 +126,9 @@ def packed(T=10, Hq=2, Hkv=1, D=8):
     ([0, 4, 9], 6, "cu_seqlens must end at T = 10"),
     ([0, 4, 10], 5, "max_seqlen \\(5\\) is smaller than the longest sequence \\(6\\)"),
     ([0, 4, 10], 6.0, "max_seqlen must be an int"),
+    ([0, 4, 10], torch.tensor(6), "max_seqlen must be an int"),
+    ([0, 4, 10], True, "max_seqlen must be an int"),
+    ([0, 4, 10], -1, "max_seqlen \\(-1\\) is smaller than the longest sequence \\(6\\)"),
 ])
 def test_cu_seqlens_values(cu, max_seqlen, match):
     with pytest.raises(ValueError, match=match):
@@ -125,3 +153,39 @@ def test_varlen_rank():
 def test_empty_sequences_are_valid():
     o = varlen(*packed(), torch.tensor([0, 0, 10, 10]), 10)
     assert o.shape == (10, 2, 8) and torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch", "triton"])
+def test_max_seqlen_is_validated_only(impl):
+    """Every rung reads the lengths from cu_seqlens: any max_seqlen >= the longest gives the same result
+    (the same code runs, so the bits agree), a NumPy int included."""
+    device = "cpu" if kernels.INTERPRET else "cuda"  # the kernels take CUDA tensors on a GPU machine
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(23, h, 8, generator=gen).to(device) for h in (2, 1, 1))
+    cu = torch.tensor([0, 9, 9, 23], dtype=torch.int32, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # impl="triton" under the interpreter warns that it is slow
+        tight = varlen(q, k, v, cu, 14, impl=impl, return_lse=True)
+        loose = varlen(q, k, v, cu, 1000, impl=impl, return_lse=True)
+        numpy = varlen(q, k, v, cu, np.int64(14), impl=impl, return_lse=True)
+    for other in (loose, numpy):
+        assert torch.equal(tight[0], other[0]) and torch.equal(tight[1], other[1])
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="the kernels run on a GPU here, not the interpreter")
+def test_triton_under_the_interpreter_warns_once(monkeypatch):
+    monkeypatch.setattr(kernels, "warn_interpreter", True)  # as in a fresh process
+    q, k, v = qkv(S=6)
+    with pytest.warns(UserWarning, match="impl='triton' runs under Triton's CPU interpreter") as caught:
+        call(q, k, v, impl="triton")
+        call(q, k, v, impl="triton")
+    assert len(caught) == 1 and caught[0].filename == __file__  # once, pointing at the caller
+    assert kernels.warn_interpreter is False
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="the kernels run on a GPU here, not the interpreter")
+def test_the_interpreter_warning_can_be_silenced(monkeypatch):
+    monkeypatch.setattr(kernels, "warn_interpreter", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(*qkv(S=6), impl="triton")

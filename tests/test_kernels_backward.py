@@ -16,7 +16,7 @@ from strategies import Case, cases, rel_err, varlen_cases
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRET, reason="runs the kernels under the CPU interpreter")
 
-from moba_edu.kernels import router  # noqa: E402  (after the interpreter switch above)
+from moba_edu.kernels import layout, router  # noqa: E402  (after the interpreter switch above)
 from moba_edu.kernels.moba_bwd import moba_backward, sorted_pairs  # noqa: E402
 from moba_edu.kernels.moba_fwd import moba_forward  # noqa: E402
 
@@ -198,8 +198,8 @@ def test_sorted_pairs_sorts_each_bucket():
     gen = torch.Generator().manual_seed(11)
     lengths = (30, 0, 45)
     q, k = torch.randn(75, 4, 16, generator=gen), torch.randn(75, 2, 16, generator=gen)
-    lay = router.layout(lengths, 8, q.device, False)
-    sched = router.schedule(router.route(q, router.block_means(k, lay), lay, 4), lay, tiles_per_chunk=2)
+    lay = layout.layout(lengths, 8, q.device, False)
+    sched = router.schedule(router.packed_route(q, router.block_means(k, lay), lay, 4), lay, tiles_per_chunk=2)
     pairs = sorted_pairs(sched)
     offsets = sched.pair_offsets.tolist()
     for lo, hi in zip(offsets[:-1], offsets[1:]):

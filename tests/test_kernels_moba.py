@@ -13,7 +13,7 @@ from strategies import cases, rel_err, varlen_cases
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRET, reason="runs the kernels under the CPU interpreter")
 
-from moba_edu.kernels import router  # noqa: E402  (after the interpreter switch above)
+from moba_edu.kernels import layout, router  # noqa: E402  (after the interpreter switch above)
 from moba_edu.kernels.moba_fwd import moba_forward  # noqa: E402
 
 FEW = settings(max_examples=8)
@@ -21,8 +21,8 @@ FEW = settings(max_examples=8)
 
 def triton_routed(q, k, block_size, top_k, lengths):
     """routed int32 [Hq, T, R] of packed q [T, Hq, D], k [T, Hkv, D] by the Triton router."""
-    lay = router.layout(tuple(lengths), block_size, q.device, False)
-    return router.route(q, router.block_means(k, lay), lay, top_k)
+    lay = layout.layout(tuple(lengths), block_size, q.device, False)
+    return router.packed_route(q, router.block_means(k, lay), lay, top_k)
 
 
 def as_packed(x):
@@ -64,8 +64,8 @@ def test_schedule_lists_every_pair_once():
     lengths = (30, 0, 45, 1)
     gen = torch.Generator().manual_seed(4)
     q, k = torch.randn(76, 4, 16, generator=gen), torch.randn(76, 2, 16, generator=gen)
-    lay = router.layout(lengths, 8, q.device, False)
-    routed = router.route(q, router.block_means(k, lay), lay, 4)
+    lay = layout.layout(lengths, 8, q.device, False)
+    routed = router.packed_route(q, router.block_means(k, lay), lay, 4)
     sched = router.schedule(routed, lay, tiles_per_chunk=2)
     Hq, R = 4, sched.R
     offsets, slots = sched.pair_offsets.tolist(), sched.pair_slot.tolist()

@@ -1,5 +1,6 @@
 """The router (`moba_edu.route`) against the spec and the independent reference."""
 
+import pytest
 import torch
 from hypothesis import given
 
@@ -71,3 +72,21 @@ def test_needle_is_found():
     q[0, 0, 60] = torch.ones(D)
     r = me.route(q, k, block_size=bs, top_k=2)
     assert r.indices[0, 0, 60].tolist() == [7, 2]
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch"])
+def test_one_nan_key_poisons_every_later_query(impl):
+    """The documented sharp edge: a NaN key makes its block's mean and scores NaN, top-k ranks NaN first,
+    so every query for which the block is eligible routes to it, and every query from the bad key on
+    (its own block's, causally) gets a NaN output."""
+    gen = torch.Generator().manual_seed(2)
+    S, block_size, bad = 64, 8, 13
+    q, k, v = (torch.randn(1, 2, S, 8, generator=gen) for _ in range(3))
+    k[0, 1, bad, 3] = float("nan")
+    r = me.route(q, k, block_size=block_size, top_k=3)
+    later = torch.arange(S) // block_size > bad // block_size
+    assert (r.indices[0, 1, later, 1] == bad // block_size).all()    # the poisoned block, first for all
+    assert r.scores[0, 1, :, bad // block_size].isnan().all() and not r.scores[0, 0].isnan().any()
+    o = me.moba_attention(q, k, v, block_size=block_size, top_k=3, impl=impl)
+    assert torch.equal(o[0, 1].isnan().any(-1), torch.arange(S) >= bad)
+    assert not o[0, 0].isnan().any()                                  # the other head routes on its own keys

@@ -161,7 +161,7 @@ register(Suite("moba_fwd_bwd", "gpu", fwd_bwd_points, measure_fwd_bwd, plot_fwd_
 def measure_tiles(params: dict, out_dir: Path) -> dict:
     from moba_edu.kernels.moba_bwd import launch_config, moba_backward
     from moba_edu.kernels.op import moba_fwd
-    from moba_edu.kernels.router import layout
+    from moba_edu.kernels.layout import layout
 
     S, bs, top_k = params["S"], params["block_size"], params["top_k"]
     q, k, v, do = qkv(S, params["Hq"], params["Hkv"], grad_out=True)

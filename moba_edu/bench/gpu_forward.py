@@ -85,18 +85,19 @@ def measure_moba(params: dict, out_dir: Path) -> dict:
     import moba_edu as me
     from moba_edu import efficient
     from moba_edu.kernels import router
-    from moba_edu.kernels.moba_fwd import default_partial_budget, moba_forward, tiles_per_chunk
+    from moba_edu.kernels.layout import default_partial_budget, layout, tiles_per_chunk
+    from moba_edu.kernels.moba_fwd import moba_forward
 
     ceil = ceilings(out_dir)
     S, Hq, Hkv, bs, top_k = (params[key] for key in ("S", "Hq", "Hkv", "block_size", "top_k"))
     dense_record = dense(S, Hq, Hkv, out_dir)
     q, k, v = qkv(S, Hq, Hkv)
     D, scale = GPU_HEAD_DIM, GPU_HEAD_DIM ** -0.5
-    lay = router.layout((S,), bs, q.device, True)
+    lay = layout((S,), bs, q.device, True)
     call = lambda: me.moba_attention(q, k, v, block_size=bs, top_k=top_k, impl="triton")  # noqa: E731
     with torch.inference_mode():
-        router_ms = do_bench_ms(lambda: router.route(q, router.block_means(k, lay), lay, top_k))
-        routed = router.route(q, router.block_means(k, lay), lay, top_k)
+        router_ms = do_bench_ms(lambda: router.packed_route(q, router.block_means(k, lay), lay, top_k))
+        routed = router.packed_route(q, router.block_means(k, lay), lay, top_k)
         chunk_tiles = tiles_per_chunk(lay, Hq, routed.shape[-1], D, 2, default_partial_budget(q))
         schedule_ms = do_bench_ms(lambda: router.schedule(routed, lay, chunk_tiles))
         del routed

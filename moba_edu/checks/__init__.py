@@ -7,8 +7,17 @@ student learns at once what to fix. Checks never print the expected answer whole
 """
 
 
+import contextlib
+
+
 class Mistake(AssertionError):
-    """Raised by a check: the message says what is wrong and the likely cause."""
+    """Raised by a check: the message says what is wrong and the likely cause.
+
+    In Jupyter it shows as that one line: IPython renders an exception that has `_render_traceback_`
+    by the lines it returns, so the student never reads the check's own source in a traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"✗ {self}"]
 
 
 def passed(message: str) -> None:
@@ -30,3 +39,28 @@ def judge(answer, correct, mistakes: dict, same, otherwise: str) -> None:
         if same(answer, wrong):
             raise Mistake(message)
     raise Mistake(otherwise)
+
+
+@contextlib.contextmanager
+def forbidden(calls: dict):
+    """While active, each named function raises Mistake(message) when called: {"torch.softmax": message}.
+    Names are "torch.x", "torch.Tensor.x", "torch.special.x" or "torch.nn.functional.x"."""
+    import torch
+
+    owners = {"torch": torch, "torch.Tensor": torch.Tensor, "torch.special": torch.special,
+              "torch.nn.functional": torch.nn.functional}
+    saved = []
+    for name, message in calls.items():
+        owner_name, attr = name.rsplit(".", 1)
+        owner = owners[owner_name]
+
+        def refuse(*args, _message=message, **kwargs):
+            raise Mistake(_message)
+
+        saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, refuse)
+    try:
+        yield
+    finally:
+        for owner, attr, original in reversed(saved):
+            setattr(owner, attr, original)

@@ -12,7 +12,7 @@ from numbers import Integral
 import torch
 
 from ..naive import token_mask
-from ..routing import _route, num_blocks
+from ..routing import num_blocks, route
 from . import expect, judge, passed
 
 
@@ -33,7 +33,7 @@ def check_num_blocks(fn) -> None:
 def _routed_fraction(S: int, block_size: int, top_k: int) -> float:
     """Share of the causal (query, key) pairs that MoBA's routing keeps, counted on a real routing."""
     qk = torch.randn(2, 1, 1, S, 4, generator=torch.Generator().manual_seed(0))
-    kept = token_mask(_route(qk[0], qk[1], block_size, top_k).mask, block_size).sum().item()
+    kept = token_mask(route(qk[0], qk[1], block_size=block_size, top_k=top_k).mask, block_size).sum().item()
     return kept / (S * (S + 1) / 2)
 
 

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import Mistake, expect, judge, passed
+from . import Mistake, expect, forbidden, judge, passed
 
 
 def _attention(q, k, v, allowed, scale, mask_after_softmax=False):
@@ -63,10 +63,18 @@ def check_causal_attention(fn) -> None:
     passed("causal softmax attention matches F.scaled_dot_product_attention(is_causal=True)")
 
 
+_LIBRARY_LSE = "you called {}: write the log-sum-exp yourself from x.max, torch.exp and torch.log"
+_NO_LIBRARY_LSE = {name: _LIBRARY_LSE.format(name) for name in (
+    "torch.logsumexp", "torch.Tensor.logsumexp", "torch.special.logsumexp", "torch.logaddexp",
+    "torch.log_softmax", "torch.Tensor.log_softmax", "torch.nn.functional.log_softmax")}
+
+
 def check_logsumexp(fn) -> None:
-    """fn(x) -> log(sum(exp(x))) over the last dimension, stably: x [R, n] float32 -> [R]."""
+    """fn(x) -> log(sum(exp(x))) over the last dimension, stably: x [R, n] float32 -> [R]; written
+    without torch.logsumexp (calling it, or log_softmax, is named as the mistake)."""
     x = torch.randn(4, 10, generator=torch.Generator().manual_seed(2)) * 3
-    answer = fn(x)
+    with forbidden(_NO_LIBRARY_LSE):
+        answer = fn(x)
     expect(isinstance(answer, torch.Tensor), "return a tensor")
     expect(answer.shape == (4,), f"reduce the last dimension: x [4, 10] -> [4], got {list(answer.shape)}"
            + (" (drop the kept dimension)" if answer.shape == (4, 1) else ""))
@@ -78,17 +86,20 @@ def check_logsumexp(fn) -> None:
             torch.logsumexp(x - m[:, None], -1),
     }, lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5), "wrong log-sum-exp on ordinary inputs")
     for shift, what in [(1000.0, "overflowed: exp(1000) is inf"), (-1000.0, "underflowed: exp(-1000) is 0, log 0 is -inf")]:
-        shifted = fn(x + shift)
+        with forbidden(_NO_LIBRARY_LSE):
+            shifted = fn(x + shift)
         expect(bool(shifted.isfinite().all()), f"exp {what} in float32: subtract each row's maximum before "
                "exp and add it back after the log")
         expect(torch.allclose(shifted, answer + shift, rtol=1e-5, atol=1e-3),
                f"lse(x + c) should be lse(x) + c; wrong for c = {shift:g}")
     masked = x.masked_fill(torch.arange(10) >= 6, float("-inf"))  # masked scores, as in causal attention
     try:
-        ok = torch.allclose(fn(masked), torch.logsumexp(masked, -1), rtol=1e-5, atol=1e-5)
+        with forbidden(_NO_LIBRARY_LSE):
+            from_student = fn(masked)
+        ok = torch.allclose(from_student, torch.logsumexp(masked, -1), rtol=1e-5, atol=1e-5)
     except NotImplementedError:  # a RuntimeError too: not an answer to name
         raise
     except RuntimeError as err:
         raise Mistake(f"failed on -inf entries (masked scores): {err}") from err
     expect(ok, "entries of -inf (masked scores) must count as exp(-inf) = 0")
-    passed("stable log-sum-exp: right for huge, tiny and masked scores")
+    passed("stable log-sum-exp, written by hand: right for huge, tiny and masked scores")

@@ -1,7 +1,7 @@
-"""Checks for notebook 02 (MoBA by masking): block means, gates, eligibility, top-k with the own block.
+"""Checks for notebook 02 (MoBA by masking): block means, scores, eligibility, top-k with the own block.
 
 The exercises work on one head, so their tensors are [S, D] (the library's are [B, H, S, D]). Right
-answers come from `moba_edu.routing`; each planted mistake is one slip from DESIGN.md §1's list.
+answers come from `moba_edu.routing`; each planted mistake is one slip from docs/design.md §1's list.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..routing import block_means, eligible, gate_scores, indices_to_mask, num_blocks, own_block, select_blocks
+from ..routing import block_means, block_scores, eligible, indices_to_mask, num_blocks, own_block, select_blocks
 from . import Mistake, expect, judge, passed
 
 
@@ -51,7 +51,7 @@ def check_block_means(fn) -> None:
     passed("block means: float32, the short last block averaged over its real tokens")
 
 
-def check_gate_scores(fn) -> None:
+def check_block_scores(fn) -> None:
     """fn(q, means) -> scores: q [S, D] (any float dtype), means [N, D] float32 -> [S, N] float32."""
     gen = torch.Generator().manual_seed(4)
     for dtype in (torch.float32, torch.float16):
@@ -60,13 +60,13 @@ def check_gate_scores(fn) -> None:
         answer = fn(q, means)
         expect(not (isinstance(answer, torch.Tensor) and answer.shape == (3, 10)),
                "transposed: one row per query, one column per block, [S, N]")
-        _tensor(answer, (10, 3), torch.float32, "the gate scores (float32 dot products)")
-        right = gate_scores(q[None, None], k[None, None], 4)[0, 0]
+        _tensor(answer, (10, 3), torch.float32, "the scores (float32 dot products)")
+        right = block_scores(q[None, None], k[None, None], 4)[0, 0]
         judge(answer, right, {
-            "a scaled gate: MoBA's gate is the raw q · mean_k, without attention's 1/sqrt(d)": right / math.sqrt(8),
+            "a scaled score: MoBA's score is the raw q · mean_k, without attention's 1/sqrt(d)": right / math.sqrt(8),
             "computed in the input dtype: turn q to float32 before the dot product": (q @ means.to(dtype).T).float(),
-        }, _close, "wrong gate scores: scores[t, j] = q_t · means[j]")
-    passed("gates: unscaled float32 dot products q · mean_k")
+        }, _close, "wrong scores: scores[t, j] = q_t · means[j]")
+    passed("scores: unscaled float32 dot products q · mean_k")
 
 
 def check_eligible(fn) -> None:
@@ -94,7 +94,7 @@ def check_select_blocks(fn) -> None:
     S, block_size = 20, 4
     N = num_blocks(S, block_size)
     q, k = torch.randn(2, 1, 1, S, 8, generator=torch.Generator().manual_seed(5))
-    gates = gate_scores(q, k, block_size)[0, 0].masked_fill(~eligible(S, block_size), float("-inf"))
+    gates = block_scores(q, k, block_size)[0, 0].masked_fill(~eligible(S, block_size), float("-inf"))
     own = torch.zeros(S, N, dtype=torch.bool)
     own[torch.arange(S), own_block(S, block_size)] = True
     for top_k in (3, 1, N + 2):
@@ -107,7 +107,7 @@ def check_select_blocks(fn) -> None:
                           "eligible blocks; then a query attends all of them") from err
         _tensor(answer, (S, N), torch.bool, "the block mask")
         expect(bool(answer[own].all()), "the own block is missing: every query attends its own block "
-               "t // block_size, whatever its gate")
+               "t // block_size, whatever its score")
         expect(not (answer & ~own & (gates == float("-inf"))).any(),
                f"selected a block with gate -inf (not eligible) for top_k={top_k}: when fewer than top_k - 1 "
                "blocks are eligible, the query attends fewer blocks")

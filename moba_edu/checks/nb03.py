@@ -1,7 +1,7 @@
 """Checks for notebook 03 (routing explorer): predict the needle query's blocks; the oracle's mass.
 
 Right answers come from the library: `moba_edu.route` on planted needles, `viz.quality.oracle_mass`
-for the oracle. Each planted mistake is one slip a reader of DESIGN.md §1 tends to make.
+for the oracle. Each planted mistake is one slip a reader of docs/design.md §1 tends to make.
 """
 
 from __future__ import annotations

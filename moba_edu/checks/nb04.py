@@ -55,23 +55,29 @@ def check_merge_two(fn) -> None:
             right_lse - torch.log(torch.tensor(2.0)),
     }, _close, "lse is not log(exp(lse_a) + exp(lse_b))")
 
-    o_a, lse_a, o_b, lse_b = _two_partials(seed=5, shift=200.0)  # exp(200) overflows float32
-    o, lse = fn(o_a, lse_a, o_b, lse_b)
-    expect(torch.isfinite(o).all() and torch.isfinite(lse).all(),
-           "NaN or inf for lse near 200: you forgot to subtract the max before exp (exp(200) overflows "
-           "float32); use m = max(lse_a, lse_b) and exp(lse_i - m), or torch.logaddexp")
-    right_o, right_lse = merge_partials(torch.stack([o_a, o_b], 1), torch.stack([lse_a, lse_b], 1))
-    expect(_close(o, right_o) and _close(lse, right_lse), "wrong result for large lse (near 200)")
+    for empty, kept in (("b", "a"), ("a", "b")):
+        o_a, lse_a, o_b, lse_b = _two_partials(seed=6)
+        parts = {"a": (o_a, lse_a), "b": (o_b, lse_b)}
+        parts[empty][1][:2] = float("-inf")  # two queries selected nothing in this set: an empty partial
+        parts[empty][0][:2] = 0.0
+        o, lse = fn(o_a, lse_a, o_b, lse_b)
+        expect(not o.isnan().any() and not lse.isnan().any(),
+               f"NaN where lse_{empty} = -inf (an empty key set): shift by the max m = max(lse_a, lse_b), not "
+               f"by one partial's lse, so that an empty partial gets weight exp(-inf - m) = 0")
+        expect(_close(o[:2], parts[kept][0][:2]) and _close(lse[:2], parts[kept][1][:2]),
+               f"where lse_{empty} = -inf the merge should return partial {kept} unchanged")
 
-    o_a, lse_a, o_b, lse_b = _two_partials(seed=6)
-    lse_b[:2] = float("-inf")  # two queries selected nothing in set b: an empty partial
-    o_b[:2] = 0.0
-    o, lse = fn(o_a, lse_a, o_b, lse_b)
-    expect(not o.isnan().any() and not lse.isnan().any(),
-           "NaN where lse_b = -inf (an empty key set): shift by the max m = max(lse_a, lse_b), not by one "
-           "partial's lse, so that an empty partial gets weight exp(-inf - m) = 0")
-    expect(_close(o[:2], o_a[:2]) and _close(lse[:2], lse_a[:2]),
-           "where lse_b = -inf the merge should return partial a unchanged")
+    for side, lift in (("both", (200.0, 200.0)), ("a", (200.0, 0.0)), ("b", (0.0, 200.0))):
+        o_a, lse_a, o_b, lse_b = _two_partials(seed=5)
+        lse_a, lse_b = lse_a + lift[0], lse_b + lift[1]      # exp(200) overflows float32
+        o, lse = fn(o_a, lse_a, o_b, lse_b)
+        expect(torch.isfinite(o).all() and torch.isfinite(lse).all(),
+               f"NaN or inf when lse_{side} is near 200 (the other near 0): exp(200) overflows float32; "
+               "shift by the larger one, m = max(lse_a, lse_b), and use exp(lse_i - m) (or torch.logaddexp)"
+               if side != "both" else "NaN or inf for lse near 200: you forgot to subtract the max before exp "
+               "(exp(200) overflows float32); use m = max(lse_a, lse_b) and exp(lse_i - m), or torch.logaddexp")
+        right_o, right_lse = merge_partials(torch.stack([o_a, o_b], 1), torch.stack([lse_a, lse_b], 1))
+        expect(_close(o, right_o) and _close(lse, right_lse), f"wrong result when lse_{side} is near 200")
     passed("merge: weights exp(lse_i - lse), lse = logsumexp of the partial lse, stable for large and empty parts")
 
 

@@ -1,15 +1,19 @@
 """Checks for notebook 07 (MoBA backward): the attention backward of one tile from the saved
-log-sum-exp, and a key block's dK, dV from the queries that routed to it (block-major, grouped heads).
+log-sum-exp, a key block's dK, dV from the queries that routed to it (block-major, grouped heads), and
+the same step in Triton (`dkdv_step` of moba_edu/kernels/teaching.py).
 
-The right answers come from autograd through a plain softmax; each planted mistake is the same
-computation with one slip, so a wrong answer is named by the slip it reproduces.
+The right answers come from autograd through a plain softmax in float64; each planted mistake is the
+same computation with one slip, so a wrong answer is named by the slip it reproduces. The tile
+backward runs with softmax and logsumexp disabled: calling them is named as the mistake.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import expect, judge, passed
+import math
+
+from . import expect, forbidden, judge, passed, sandbox
 
 
 def _tile(gen, M, N, D, scale):
@@ -49,6 +53,13 @@ def _same(answer, right) -> bool:
                for a, r in zip(answer, right))
 
 
+_SOFTMAX = "you called {}: the backward recomputes P = exp(scale q k^T - lse) from the saved lse, no softmax"
+_NO_SOFTMAX = {name: _SOFTMAX.format(name) for name in (
+    "torch.softmax", "torch.Tensor.softmax", "torch.nn.functional.softmax", "torch.special.softmax",
+    "torch.log_softmax", "torch.Tensor.log_softmax", "torch.nn.functional.log_softmax",
+    "torch.logsumexp", "torch.Tensor.logsumexp")}
+
+
 def check_attention_backward(fn) -> None:
     """fn(q, k, v, o, lse, do, mask, scale) -> (dq, dk, dv) of one attention tile.
 
@@ -58,7 +69,8 @@ def check_attention_backward(fn) -> None:
     M, N, D, scale = 6, 9, 5, 0.37
     args = _tile(gen, M, N, D, scale)
     q, k, v, o, lse, do, mask = args
-    answer = fn(*(x.clone() for x in args), scale)
+    with forbidden(_NO_SOFTMAX):
+        answer = fn(*(x.clone() for x in args), scale)
     expect(isinstance(answer, tuple) and len(answer) == 3, "return the three gradients: (dq, dk, dv)")
     shapes = [tuple(x.shape) for x in answer]
     expect(shapes == [(M, D), (N, D), (N, D)], f"dq should be [M, D] = [{M}, {D}], dk and dv [N, D] = [{N}, {D}]; "
@@ -127,3 +139,74 @@ def check_block_grads(fn) -> None:
     }, _same, "(dk, dv) differ: for each head h and each query t that chose the block, P = exp(scale q_t k^T - "
        "lse_t), dV += P^T dO_t, dS = P (dO_t V^T - Delta_t), dK += scale dS^T q_t")
     passed("the block's dK and dV match, summed over the group's heads and the queries that chose it")
+
+
+def _tile_grads(q, do, rows, k, v, key0, scale, seed):
+    """A block's keys at key0.. seen causally by query positions `rows`, each also attending 6 keys outside
+    the block: returns lse, delta [S] (zero off rows) and autograd's dk, dv of the block (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    S, D = q.shape
+    others_k, others_v = (torch.randn(len(rows), 6, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    k_leaf, v_leaf = k.clone().requires_grad_(), v.clone().requires_grad_()
+    hidden = (key0 + torch.arange(len(k)))[None, :] > rows[:, None]
+    s = torch.cat([(scale * q[rows] @ k_leaf.T).masked_fill(hidden, -math.inf),
+                   scale * torch.einsum("rd,rnd->rn", q[rows], others_k)], dim=1)
+    o = torch.einsum("rn,rnd->rd", torch.softmax(s, 1), torch.cat([v_leaf.expand(len(rows), -1, -1), others_v], 1))
+    lse, delta = torch.zeros(S, dtype=torch.float64), torch.zeros(S, dtype=torch.float64)
+    lse[rows], delta[rows] = s.logsumexp(1).detach(), (do[rows] * o).sum(1).detach()
+    dk, dv = torch.autograd.grad(o, [k_leaf, v_leaf], do[rows])
+    return lse, delta, dk, dv
+
+
+def _tile_slipped(q, do, lse, delta, rows, k, v, key0, scale, slip, pad_to=16):
+    """dk, dv of the Triton harness with one slip: "no delta", "unscaled dk", "scaled dv", "no lse",
+    "unmasked" (the harness's padding rows, query 0 repeated, count too)."""
+    if slip == "unmasked":
+        rows = torch.cat([rows, rows.new_zeros(-len(rows) % pad_to)])
+    s = scale * q[rows] @ k.T
+    p = torch.exp(s - (0 if slip == "no lse" else lse[rows, None]))
+    if slip != "unmasked":
+        p = p.masked_fill((key0 + torch.arange(len(k)))[None, :] > rows[:, None], 0.0)
+    ds = p * (do[rows] @ v.T - (0 if slip == "no delta" else delta[rows, None]))
+    return (1.0 if slip == "unscaled dk" else scale) * ds.T @ q[rows], (scale if slip == "scaled dv" else 1.0) * p.T @ do[rows]
+
+
+def check_dkdv_step(dkdv_step) -> None:
+    """dkdv_step(q, do, lse, delta, k, v, visible, dk, dv, scale) -> (dk, dv): a @triton.jit function adding one
+    query tile's share to one key tile's gradients (q, do [BM, BD]; lse, delta [BM]; k, v [BN, BD]; visible
+    bool [BM, BN]; dk, dv [BN, BD] float32). Run by teaching.block_grads on a block seen by its own queries
+    (causally) and by routed later queries; compared with autograd in float64."""
+    from ..kernels import INTERPRET, teaching
+
+    dev, S, D, W, key0, scale = sandbox.device(), 48, 8, 12, 12, 0.4
+    gen = torch.Generator().manual_seed(71)
+    q, k = (torch.randint(-16, 17, (n, D), generator=gen).double() / 8 for n in (S, W))   # exact in TF32
+    do, v = (torch.randn(n, D, generator=gen, dtype=torch.float64) for n in (S, W))
+    later = torch.arange(key0 + W, S)
+    rows = torch.cat([torch.arange(key0, key0 + W), later[torch.rand(len(later), generator=gen) < 0.5]])
+    lse, delta, dk_right, dv_right = _tile_grads(q, do, rows, k, v, key0, scale, seed=72)
+    (dk, check_dk), (dv, check_dv) = (sandbox.guarded((W, D), torch.float32, dev) for _ in range(2))
+    sandbox.run(lambda: teaching.block_grads(*(x.to(dev) for x in (q, do, lse, delta, rows, k, v)), key0, scale,
+                                             step=dkdv_step, dk=dk, dv=dv), {}, "dkdv_step")
+    for check in (check_dk, check_dv):
+        check("dkdv_step wrote outside dk / dv: return (dk, dv), the kernel stores them")
+    answer = (dk.cpu(), dv.cpu())
+    tol = 1e-4 if INTERPRET else 5e-3
+
+    def same(a, b):
+        return all(bool(torch.isfinite(x).all()) and float((x.double() - y).norm()) <= tol * float(y.norm())
+                   for x, y in zip(a, b))
+
+    slipped = lambda slip: _tile_slipped(q, do, lse, delta, rows, k, v, key0, scale, slip)  # noqa: E731
+    expect(all(bool(torch.isfinite(x).all()) for x in answer), "NaN or inf in dk or dv: P = exp(s - lse) must be "
+           "zeroed where not visible (tl.where(visible, ..., 0.0)); masked scores must not reach exp unmasked")
+    judge(answer, (dk_right, dv_right), {
+        "dS = P * dP: subtract each row's Delta, dS = P * (dP - delta[:, None])": slipped("no delta"),
+        "forgot the scale in dK: dk += scale * dot(trans(dS), q)": slipped("unscaled dk"),
+        "scaled dV: the scale multiplies the scores, not the probabilities: dv += dot(trans(P), do)": slipped("scaled dv"),
+        "P = exp(s) is unnormalised: recompute P = exp(s - lse[:, None])": slipped("no lse"),
+        "P was not masked: keys after a query (own block) and padding rows must get P = 0, tl.where(visible, P, 0.0)":
+            slipped("unmasked"),
+    }, same, "dk or dv differ from autograd: P = exp(scale q k^T - lse) where visible (0 elsewhere), dv += P^T dO, "
+       "dS = P (dO v^T - delta), dk += scale dS^T q")
+    passed("dkdv_step: the block's dK and dV match autograd in float64 (own-block queries causally, routed ones whole)")

@@ -19,11 +19,11 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# The rung (api.py's contract): moba_attention, moba_attention_varlen, unsupported, COMPLETE.
+# The rung (api.py's contract): moba_attention, moba_attention_varlen, unsupported.
 # Submodules import triton, so they are loaded only when a kernel runs.
 
-COMPLETE = True
-"""True once forward and backward have both landed: only then does impl="auto" pick this rung."""
+warn_interpreter = True
+"""Warn once per process when impl="triton" runs under the interpreter; set False to stay quiet."""
 
 MAX_HEAD_DIM = 128  # one [BLOCK_M, D] float32 accumulator per program; past 128 it crowds the registers
 
@@ -51,6 +51,17 @@ def unsupported(q, k, v):
     return None
 
 
+def warn_if_interpreted(stacklevel: int) -> None:
+    """Under the interpreter, warn (once per process, while `warn_interpreter`) that calls are slow.
+    `stacklevel` as `warnings.warn` counts it from this function. Silent while torch.compile traces
+    (Dynamo cannot trace `warnings.warn`; the warning comes from an eager call instead)."""
+    global warn_interpreter
+    if INTERPRET and warn_interpreter and not torch.compiler.is_compiling():
+        warn_interpreter = False
+        warnings.warn("impl='triton' runs under Triton's CPU interpreter here (no CUDA GPU): seconds per call "
+                      "even at small shapes; impl='torch' is the fast rung on a CPU", stacklevel=stacklevel)
+
+
 def _run(q, k, v, lengths, block_size, top_k, scale):
     """o (q's layout and dtype), lse float32 [Hq, T], differentiable: op.py's operator."""
     from .op import moba
@@ -65,7 +76,7 @@ def moba_attention(q, k, v, block_size, top_k, scale):
     return o, lse.view(Hq, B, S).transpose(0, 1)
 
 
-def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, scale):
+def moba_attention_varlen(q, k, v, cu_seqlens, block_size, top_k, scale):
     """q [T, Hq, D], k, v [T, Hkv, D], cu_seqlens [n + 1] -> o [T, Hq, D], lse float32 [Hq, T]."""
     bounds = cu_seqlens.tolist()
     lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))

@@ -23,10 +23,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
-LN2 = tl.constexpr(math.log(2.0))  # a constexpr global: kernels may read it
-
+from .layout import LN2, LOG2E  # exp(x) = exp2(x * LOG2E): exp2 is the GPU's native instruction
 
 
 @triton.jit

@@ -11,7 +11,7 @@ Delta_t equals sum_j P_tj dP_tj because O_t = sum_j P_tj V_j: the softmax Jacobi
 query instead of once per key tile. The routing is not differentiated (top-k is piecewise constant):
 the chosen set is a constant of the backward pass, exactly as in the reference.
 
-Kernels, in launch order (router.py's token numbering, `Layout` and block-major `Schedule`):
+Kernels, in launch order (layout.py's token numbering, `Layout` and block-major `Schedule`):
 1. `_delta_kernel`: Delta = rowsum(dO * O), float32 [Hq, T].
 2. `_dkdv_kernel`, block-major: one program per (key tile, kv head) holds its tile's K and V and float32
    dK, dV accumulators in registers and walks every query that attended the tile: the own-block queries
@@ -28,7 +28,7 @@ So: the buckets are sorted (`sorted_pairs`), `_dkdv_kernel` skips dQ, `_dq_route
 per (key block, query head) walking its bucket, all the block's keys per query tile) writes each
 (query, head, routed slot) term to its own float32 row, and `_dq_kernel` adds the R slots in order.
 That costs a second pass over the routed scores and a float32 buffer of Hq * tokens * R * D, bounded by
-doing the query tiles in chunks (the forward's `tiles_per_chunk`).
+doing the query tiles in chunks (layout.py's `tiles_per_chunk`, as the forward does).
 
 Shapes: q, o, do [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; lse float32 [Hq, T].
 """
@@ -40,11 +40,9 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .moba_fwd import tiles_per_chunk
-from .router import Layout, Schedule, row_offset, schedule, strides, tile_header
-
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
-LOG2E_K = tl.constexpr(LOG2E)
+from .layout import (LOG2E, LOG2E_K, Layout, Schedule, default_partial_budget, row_offset, strides, tile_header,
+                     tiles_per_chunk)
+from .router import schedule
 
 
 @triton.jit
@@ -74,7 +72,7 @@ def _rel(t, t0, WIDE: tl.constexpr):
 @triton.jit
 def _rows(ptr, t0, t, h, L, stride_b, stride_s, stride_h, offs_d, WIDE: tl.constexpr):
     """[M, BLOCK_D] addresses of rows (token t, head h), every t in token t0's sequence: one 64-bit base,
-    router.row_offset of t0, plus 32-bit offsets from it. (router.row_offset per row, a 64-bit t // L
+    layout.row_offset of t0, plus 32-bit offsets from it. (layout.row_offset per row, a 64-bit t // L
     and t % L for each, held so many registers that the kernels spilled kilobytes per thread.) WIDE:
     a sequence spans 2**31 elements or more, so the offsets stay 64-bit."""
     base = ptr + row_offset(t0, h, L, stride_b, stride_s, stride_h)
@@ -237,7 +235,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, routed_d
                T, GROUP, tile0, chunk_token0, chunk_len, block_size, scale, qk_scale,
                SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
-    """dQ of one query tile (router.py's tiles): own block up to the diagonal, plus the routed terms
+    """dQ of one query tile (layout.py's tiles): own block up to the diagonal, plus the routed terms
     routed_dq [Hq, chunk_len, SLOTS, BLOCK_D] float32 (SLOTS = 1: the atomic accumulator; else the R
     slots, summed in order); grid (tiles of the chunk, Hq)."""
     tile = tile0 + tl.program_id(0)
@@ -299,7 +297,7 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   dlse: torch.Tensor | None = None, config: dict | None = None):
     """Gradients of MoBA given the forward's o, lse [Hq, T] and routing `routed` int32 [Hq, T, R].
 
-    do, q, o [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; lay: router.layout(...) of the input.
+    do, q, o [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; lay: layout.layout(...) of the input.
     Returns dq, dk, dv (each in its input's layout and dtype). `deterministic` defaults to
     torch.are_deterministic_algorithms_enabled(); `partial_budget` bounds its float32 partial buffer
     (bytes; default twice the size of q). dlse float32 [Hq, T], a gradient on lse, enters as
@@ -324,7 +322,7 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         sched = schedule(routed, lay, lay.NT)                  # one chunk: the accumulator holds every query
         pair_slot = sched.pair_slot
     else:
-        budget = partial_budget if partial_budget is not None else max(2 * q.numel() * q.element_size(), 2**26)
+        budget = partial_budget if partial_budget is not None else default_partial_budget(q)
         sched = schedule(routed, lay, tiles_per_chunk(lay, Hq, R, block_d, 4, budget))
         pair_slot = sorted_pairs(sched)
     delta = torch.empty(Hq, lay.T, dtype=torch.float32, device=q.device)

@@ -6,24 +6,26 @@ the union of its rows' blocks) visits every block that *any* of its rows chose: 
 64 queries choosing 2 of 128 eligible blocks touch about 128 * (1 - (1 - 2/128)**64) = 81 blocks to
 use 2, forty times the work. Block-major turns the question around, as MoonshotAI/MoBA's efficient
 path and FlashMoBA (Xiao et al., 2025) do: for every (key block, query head) gather the queries that
-chose it (router.py's schedule), and let one program load the block's keys once for a tile of
+chose it (router.py's `schedule`), and let one program load the block's keys once for a tile of
 BLOCK_M such queries. Every key tile then serves a full query tile, as in dense FlashAttention.
 
 Combining. A query's result is spread over R + 1 programs (its own block, R routed blocks). Each
 routed program writes a *partial* result per pair: the softmax-weighted average of the block's values
 and the log-sum-exp of its scaled scores (FlashAttention's (o, lse) pair, normalised). A second
-kernel, one program per query tile, computes the own block causally (FlashAttention-2's diagonal
-stages, reusing flash.py's `attend_tile`) and folds in the R partials exactly by log-sum-exp:
+kernel, `_own_block_merge_kernel`, one program per query tile, computes the own block causally
+(FlashAttention-2's diagonal stages, reusing flash.py's `attend_tile`) and merges in the R partials
+exactly by log-sum-exp:
     o = sum_i exp(lse_i - lse) o_i,  lse = log sum_i exp(lse_i)
 (the same rescaling FlashAttention does between key tiles; see efficient.py's docstring).
 Holding every partial at once would take S * R * Hq * D values, 11x the output at top_k = 12 and a
 million tokens, so queries are processed in chunks of tiles whose partial buffer fits a budget
-(`partial_budget`, by default twice the size of q): chunk after chunk, the routed kernel writes the
-chunk's partials and the combine kernel consumes them. The alternative, two passes with an exact
-normalisation (first every query's lse, then atomically adding exp(s - lse) @ V into a float32
-output), needs no buffer but computes Q K^T twice: 1.5x the FLOPs for a memory saving we do not need.
+(`partial_budget`, by default twice the size of q: layout.default_partial_budget): chunk after
+chunk, the routed kernel writes the chunk's partials and the own-block merge kernel consumes them.
+The alternative, two passes with an exact normalisation (first every query's lse, then atomically
+adding exp(s - lse) @ V into a float32 output), needs no buffer but computes Q K^T twice: 1.5x the
+FLOPs for a memory saving we do not need.
 
-Shapes: q [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; o like q; lse float32 [Hq, T] (router.py's
+Shapes: q [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; o like q; lse float32 [Hq, T] (layout.py's
 token numbering). Partial outputs are kept in the input dtype (float32 for float32 inputs).
 """
 
@@ -34,10 +36,10 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .flash import LN2, LOG2E, attend_tile
-from .router import Layout, block_means, layout, route, row_offset, schedule, strides, tile_header
-
-LOG2E_K = tl.constexpr(LOG2E)
+from .flash import attend_tile
+from .layout import (LN2, LOG2E, LOG2E_K, default_partial_budget, layout, row_offset, strides, tile_header,
+                     tiles_per_chunk)
+from .router import block_means, packed_route, schedule
 
 
 @triton.jit
@@ -53,7 +55,7 @@ def _routed_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slo
     tile = tl.load(tile_offsets + bucket_lo) + tl.program_id(0)
     if tile >= tl.load(tile_offsets + bucket_hi):
         return
-    lo = tl.load(tile_bucket + tile)   # the bucket whose tiles hold `tile` (router.Schedule.tile_table)
+    lo = tl.load(tile_bucket + tile)   # the bucket whose tiles hold `tile` (layout.Schedule.tile_table)
     h = lo % Hq
     b = lo // Hq - chunk * NB
     first = tl.load(pair_offsets + lo) + (tile - tl.load(tile_offsets + lo)) * BLOCK_M
@@ -94,7 +96,7 @@ def _routed_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slo
 
 
 @triton.jit
-def _own_block_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, routed_ptr, po_ptr, plse_ptr, tiles_ptr,
+def _own_block_merge_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, routed_ptr, po_ptr, plse_ptr, tiles_ptr,
                       L, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                       stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                       T, GROUP, R, tile0, chunk_token0, chunk_len, block_size, qk_scale,
@@ -154,25 +156,13 @@ def _own_block_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, routed_ptr, po_ptr, p
 
 def launch_config(head_dim: int) -> dict:
     """Tiles and warps. Routed tiles are FlashAttention-2's 128 x 64 (a key block feeds 128 gathered
-    queries); own-block tiles are the router's 64-query tiles (router.query_tile), on 8 warps: with 4,
+    queries); own-block tiles are the router's 64-query tiles (layout.query_tile), on 8 warps: with 4,
     ptxas spills 1.6 KB per thread at head dim 128 (Triton 3.6 and 3.9, sm_90). Under the
     interpreter, 16 x 16 tiles keep tests quick."""
     if INTERPRET:
         return dict(routed=dict(BLOCK_M=16, BLOCK_N=16), own=dict(BLOCK_N=16))
     return dict(routed=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3),
                 own=dict(BLOCK_N=64, num_warps=8, num_stages=3))
-
-
-def tiles_per_chunk(lay: Layout, Hq: int, R: int, block_d: int, element_size: int, budget: int) -> int:
-    """Query tiles per chunk so that the chunk's partials ([Hq, tokens, R] outputs and lse) fit `budget` bytes."""
-    per_token = max(1, Hq * R * (block_d * element_size + 4))
-    return max(1, budget // (per_token * lay.QT))
-
-
-def default_partial_budget(q: torch.Tensor) -> int:
-    """Bytes for the routed partials: twice the size of q (at least 64 MiB), so that the forward's
-    extra memory stays within the size of q, k, v and o."""
-    return max(2 * q.numel() * q.element_size(), 2**26)
 
 
 def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple, block_size: int,
@@ -188,7 +178,7 @@ def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tup
     Hq, D = q.shape[1], q.shape[-1]     # the head axis is axis 1 in both layouts
     lay = layout(tuple(lengths), block_size, q.device, batched)
     block_d = max(16, triton.next_power_of_2(D))
-    routed = route(q, block_means(k, lay), lay, top_k)
+    routed = packed_route(q, block_means(k, lay), lay, top_k)
     R = routed.shape[-1]
     budget = partial_budget if partial_budget is not None else default_partial_budget(q)
     sched = schedule(routed, lay, tiles_per_chunk(lay, Hq, R, block_d, q.element_size(), budget))
@@ -218,7 +208,7 @@ def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tup
                 **dims, **routed_cfg)
         tile0 = c * sched.tiles_per_chunk
         n_tiles = min(lay.NT, tile0 + sched.tiles_per_chunk) - tile0
-        _own_block_kernel[(n_tiles, Hq)](
+        _own_block_merge_kernel[(n_tiles, Hq)](
             q, k, v, o, lse, routed, partial_o, partial_lse, lay.tiles, lay.L, *qkv_strides, *strides(o),
             lay.T, Hq // k.shape[1], R, tile0, token0, chunk_len, block_size, qk_scale,
             BLOCK_M=lay.QT, **dims, **own_cfg)

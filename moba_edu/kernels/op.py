@@ -9,7 +9,7 @@ node, using the fake implementations below for shapes.
 Why `custom_op` and not `triton_op`. `torch.library.triton_op` (torch >= 2.6) lets the compiler see
 the Triton kernels, but it traces the operator's body with FakeTensors, which carry shapes and no
 data. Our host code reads data: the router's tables come from the sequence lengths and the chunk
-boundaries from a prefix sum, both read back with `int()` (router.layout, router.schedule), so the
+boundaries from a prefix sum, both read back with `int()` (layout.layout, router.schedule), so the
 body cannot be traced. A custom op is opaque: the compiler calls it and never looks inside, which is
 all this rung needs (its kernels are launched as they are, and nothing around them fuses with them).
 
@@ -27,13 +27,13 @@ to dS_tj, which is dS's formula with Delta_t replaced by Delta_t - g_t (moba_bwd
 import torch
 
 from . import INTERPRET
+from .layout import layout
 from .moba_bwd import moba_backward
 from .moba_fwd import moba_forward
-from .router import layout
 
 
 def _routed_slots(lengths: list[int], block_size: int, top_k: int) -> int:
-    """R for the fake implementation, from shapes alone (router.Layout.routed_slots, without tables)."""
+    """R for the fake implementation, from shapes alone (layout.Layout.routed_slots, without tables)."""
     most_blocks = max((-(-n // block_size) for n in lengths), default=0)
     return max(0, min(top_k - 1, most_blocks - 1))
 

@@ -24,11 +24,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..routing import route
-from .gates import plot_query_gates
 from .maps import (FUTURE, OWN, ROUTED, SKIPPED, block_row, block_states, marker, plot_block_map, plot_token_mask,
                    state_handles, token_states)
 from .presets import PRESETS, make_sample, needle_positions
 from .quality import attention_probs, block_mass, oracle_mass, plot_query_mass, plot_recall, recall_curve
+from .scores import plot_query_scores
 
 SEQ_LENS = (64, 128, 256, 512)
 BLOCK_SIZES = (8, 16, 32, 64)
@@ -134,7 +134,7 @@ class Explorer(widgets.VBox):
         fig.clear()
         grid = fig.add_gridspec(2, 3, width_ratios=(1.15, 1, 1), hspace=0.45, wspace=0.35,
                                 left=0.06, right=0.98, top=0.9, bottom=0.08)
-        self._axes = {"token": fig.add_subplot(grid[:, 0]), "gates": fig.add_subplot(grid[0, 1]),
+        self._axes = {"token": fig.add_subplot(grid[:, 0]), "scores": fig.add_subplot(grid[0, 1]),
                       "mass": fig.add_subplot(grid[1, 1]), "blocks": fig.add_subplot(grid[0, 2]),
                       "recall": fig.add_subplot(grid[1, 2])}
         plot_token_mask(routing, block_size, head, query=query, ax=self._axes["token"], legend=False)
@@ -152,12 +152,12 @@ class Explorer(widgets.VBox):
         for name in ("token", "blocks"):
             marker(axes[name], "query").set_ydata([query, query])
         marker(axes["recall"], "top_k").set_xdata([top_k, top_k])
-        for name in ("gates", "mass"):
+        for name in ("scores", "mass"):
             axes[name].clear()
         self._draw_query_panels(routing, mass, block_size, top_k, head, query)
 
     def _draw_query_panels(self, routing, mass, block_size, top_k, head, query) -> None:
-        plot_query_gates(routing, block_size, head, query, ax=self._axes["gates"], legend=False)
+        plot_query_scores(routing, block_size, head, query, ax=self._axes["scores"], legend=False)
         plot_query_mass(routing, mass, block_size, head, query, top_k, ax=self._axes["mass"], legend=False)
 
     def save(self, path) -> None:

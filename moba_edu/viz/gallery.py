@@ -15,11 +15,11 @@ import matplotlib.pyplot as plt
 from ..routing import route
 from .cost import plot_cost
 from .explore import Explorer
-from .gates import plot_gate_scores, plot_query_gates
 from .heads import plot_block_frequency, plot_heads
 from .maps import plot_block_map, plot_token_mask
 from .presets import make_sample
 from .quality import plot_recall, recall_curve
+from .scores import plot_query_scores, plot_scores
 
 SEQ_LEN, BLOCK_SIZE, TOP_K = 256, 32, 3
 
@@ -41,12 +41,12 @@ def routing_map():
 
 
 def gates():
-    """Gate scores of every query, and the needle query's gates as bars."""
+    """Scores of every query, and the needle query's scores as bars (saved as gates.png)."""
     sample, routing = _routed("needle")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), width_ratios=(1.2, 1))
-    plot_gate_scores(routing, BLOCK_SIZE, ax=left)
-    plot_query_gates(routing, BLOCK_SIZE, 0, sample.needle_query, ax=right)
-    fig.suptitle(f"gate scores q·mean(k), needle data (block_size={BLOCK_SIZE}, top_k={TOP_K})")
+    plot_scores(routing, BLOCK_SIZE, ax=left)
+    plot_query_scores(routing, BLOCK_SIZE, 0, sample.needle_query, ax=right)
+    fig.suptitle(f"scores q·mean(k), needle data (block_size={BLOCK_SIZE}, top_k={TOP_K})")
     fig.tight_layout()
     return fig
 
