@@ -14,9 +14,11 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
+from ..checks.grading import exercise
 from ..routing import own_block
 
 
+@exercise("nb00.check_causal_fraction", "nb04.check_attended_pairs")
 def attended_pairs(seq_len: int, block_size: int, top_k: int) -> int:
     """(query, key) pairs MoBA attends; equals the True count of the token mask for any routing."""
     t = torch.arange(seq_len)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import torch
 
+from ..checks.grading import exercise
 from ..routing import Routing, eligible, indices_to_mask, num_blocks, own_block, route, select_blocks
 from .maps import STATE_COLORS, block_axis, block_states, state_legend
 
@@ -46,6 +47,7 @@ def oracle_order(mass: torch.Tensor, block_size: int, top_k: int) -> torch.Tenso
     return select_blocks(gates, block_size, top_k)
 
 
+@exercise("nb03.check_oracle_mass")
 def oracle_mass(mass: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
     """Best mass any MoBA router could keep: own block + the top_k - 1 richest eligible blocks.
 
