@@ -73,11 +73,12 @@ def feedback(course: Path, assignment: str) -> None:
     moba_course.nbgrader(course, "generate_feedback", assignment, "--force")
 
 
-def scores(course: Path, assignment: str, student: str) -> dict[str, tuple[float, float]]:
-    """{grade_id: (score, max_score)} of every autograded cell of the student's submission."""
+def scores(course: Path, assignment: str, student: str, names=None) -> dict[str, tuple[float, float]]:
+    """{grade_id: (score, max_score)} of every autograded cell of the student's submission, in the
+    notebooks `names` only if given (a notebook not handed in scores zero)."""
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}", course_id="moba-edu") as gb:
         return {g.name: (g.score, g.max_score) for nb in gb.find_submission(assignment, student).notebooks
-                for g in nb.grades if g.cell.cell_type == "code"}
+                if names is None or nb.name in names for g in nb.grades if g.cell.cell_type == "code"}
 
 
 def feedback_text(course: Path, assignment: str, student: str, name: str) -> str:

@@ -134,7 +134,7 @@ def test_release_hides_solutions_and_hidden_tests(course, assignment):
 
 @pytest.mark.parametrize("assignment", sorted(GRADED))
 def test_solutions_get_full_marks(course, assignment):
-    graded = scores(course, assignment, "solutions")
+    graded = scores(course, assignment, "solutions", notebook_names(assignment, GRADED[assignment]))
     assert graded and all(score == points for score, points in graded.values()), graded
     for name in notebook_names(assignment, GRADED[assignment]):
         assert not errors(read(course, "autograded", assignment, name, "solutions")), f"{name}: a cell failed"
@@ -143,7 +143,7 @@ def test_solutions_get_full_marks(course, assignment):
 @pytest.mark.parametrize("assignment", sorted(GRADED))
 def test_a_planted_mistake_costs_its_points_and_the_feedback_names_it(course, assignment):
     grade_id, wrong, check = PLANTED[assignment]
-    graded = scores(course, assignment, "planted")
+    graded = scores(course, assignment, "planted", notebook_names(assignment, GRADED[assignment]))
     assert graded[f"{grade_id}-check"][0] == 0
     assert all(score == points for cell, (score, points) in graded.items() if cell != f"{grade_id}-check")
     assert 0 < sum(score for score, _ in graded.values()) < sum(points for _, points in graded.values())
@@ -155,7 +155,7 @@ def test_a_planted_mistake_costs_its_points_and_the_feedback_names_it(course, as
 
 
 def test_copying_the_library_or_fitting_the_visible_cases_scores_zero(course):
-    graded = scores(course, "A1", "copied")
+    graded = scores(course, "A1", "copied", notebook_names("A1", ("00", "02")))
     for grade_id, (_, exception) in COPIED.items():
         assert graded[f"{grade_id}-check"][0] == 0, grade_id
         name = next(n for n in notebook_names("A1") if n.startswith(grade_id[2:4]))
@@ -163,6 +163,6 @@ def test_copying_the_library_or_fitting_the_visible_cases_scores_zero(course):
         assert failed[f"{grade_id}-check"].ename == exception
         if exception == "Mistake":
             assert failed[f"{grade_id}-check"].evalue.startswith("hidden test:")
-    others = [cell for cell in graded if cell.startswith(("nb00", "nb02")) and cell[:-6] not in COPIED]
+    others = [cell for cell in graded if cell.removesuffix("-check") not in COPIED]
     assert others and all(graded[cell][0] == graded[cell][1] for cell in others)
     nb00.check_num_blocks(define(COPIED["nb00-num-blocks"][0]))  # the table passes the visible check
