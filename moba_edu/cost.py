@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks.grading import exercise
 from .routing import num_blocks, own_block
 
 
@@ -22,6 +23,7 @@ def own_block_pairs(seq_len: int, block_size: int) -> int:
     return int((torch.arange(seq_len) % block_size + 1).sum())
 
 
+@exercise("nb00.check_causal_fraction", "nb04.check_attended_pairs")
 def attended_pairs(seq_len: int, block_size: int, top_k: int) -> int:
     """(query, key) pairs MoBA attends; equals the True count of the token mask for any routing."""
     routed_blocks = int(own_block(seq_len, block_size).clamp(max=top_k - 1).sum())

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks.grading import exercise
 from .routing import eligible, indices_to_mask, num_blocks, own_block, route, select_blocks
 
 
@@ -47,6 +48,7 @@ def oracle_order(mass: torch.Tensor, block_size: int, top_k: int) -> torch.Tenso
     return select_blocks(gates, block_size, top_k)
 
 
+@exercise("nb03.check_oracle_mass")
 def oracle_mass(mass: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
     """Best mass any MoBA router could keep: own block + the top_k - 1 richest eligible blocks.
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks.grading import exercise
 from .inputs import check_int, check_tensors
 
 # Gate entries (float32) `route_indices` may hold at once: 2**22 of them are 16 MiB. Past that, queries
@@ -44,11 +45,13 @@ class Routing:
     gates: torch.Tensor
 
 
+@exercise("nb00.check_num_blocks")
 def num_blocks(seq_len: int, block_size: int) -> int:
     """N = ceil(seq_len / block_size): the last block may be shorter."""
     return -(-seq_len // block_size)
 
 
+@exercise("nb02.check_block_means")
 def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean key of every block, accumulated and kept in float32.
 
@@ -77,6 +80,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Ten
     return q.detach().float() @ means.transpose(-1, -2)
 
 
+@exercise("nb02.check_eligible")
 def eligible(seq_len: int, block_size: int, device=None, start: int = 0, n_blocks: int | None = None) -> torch.Tensor:
     """bool [S, N]: block j may be routed to query t only if it lies wholly before t's own block.
 
@@ -96,6 +100,7 @@ def own_block(seq_len: int, block_size: int, device=None, start: int = 0) -> tor
     return torch.arange(start, start + seq_len, device=device) // block_size
 
 
+@exercise("nb02.check_select_blocks")
 def select_blocks(gates: torch.Tensor, block_size: int, top_k: int, start: int = 0) -> torch.Tensor:
     """Own block first, then the top_k - 1 eligible blocks with the largest gates, then -1.
 

@@ -17,9 +17,9 @@ if not torch.cuda.is_available():
 # A GPU machine may have torch and triton but not the notebook and browser tooling (`python3 -m pytest
 # -m gpu -p no:nbval tests` must still collect there): leave out the files that need what is missing.
 # CI and `make test` install everything, and there a missing package is an error, not a skip.
-NEEDS = {"test_browser.py": ("nbformat", "playwright"), "test_student_versions.py": ("nbformat", "nbclient"),
-         "test_packaging.py": ("yaml",), "test_viz.py": ("ipywidgets",), "test_checks_nb04.py": ("ipywidgets",),
-         "test_hf.py": ("transformers",)}
+NEEDS = {"test_browser.py": ("nbformat", "playwright"), "test_student_versions.py": ("nbformat", "nbgrader"),
+         "test_nbgrader.py": ("nbformat", "nbgrader"), "test_hf.py": ("transformers",),
+         "test_packaging.py": ("yaml",), "test_viz.py": ("ipywidgets",), "test_checks_nb04.py": ("ipywidgets",)}
 collect_ignore = [] if os.environ.get("CI") else [
     name for name, modules in NEEDS.items() if any(importlib.util.find_spec(m) is None for m in modules)]
 

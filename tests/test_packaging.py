@@ -1,5 +1,6 @@
-"""The install files agree: every dependency of pyproject.toml is pinned in constraints.txt, and
-environment.yml pins the same versions; `import moba_edu` stays light."""
+"""The install files agree: every dependency of pyproject.toml (every extra included) is pinned in
+constraints.txt, environment.yml pins the same versions, and both it and `make setup` install every
+extra; `import moba_edu` stays light."""
 
 import re
 import subprocess
@@ -53,7 +54,13 @@ def test_environment_yml_matches_constraints():
         f"environment.yml lacks {sorted(pyproject_dependencies() - env_pins.keys())}"
     for name, version in env_pins.items():
         assert constraints.get(name) == version, f"{name}: environment.yml {version}, constraints {constraints.get(name)}"
-    assert "-e .[dev]" in pip_section, "environment.yml must install the package itself"
+    extras = ",".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    assert f"-e .[{extras}]" in pip_section, f"environment.yml must install the package itself with [{extras}]"
+
+
+def test_make_setup_installs_every_extra():
+    extras = ",".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    assert f'-e ".[{extras}]"' in (ROOT / "Makefile").read_text(), f"make setup must install .[{extras}]"
 
 
 def test_import_is_light():

@@ -1,59 +1,55 @@
-"""The student version of every notebook still runs.
+"""The student version of every notebook still runs, made and graded by nbgrader itself.
 
-A teacher hands out notebooks with the solutions removed (nbgrader replaces the code between
-`### BEGIN SOLUTION` and `### END SOLUTION`). Later cells must use the library's version, never the
-student's answer, so the student version runs top to bottom and only the exercise checks fail, with
-NotImplementedError. This test makes the student version the way nbgrader does and executes it.
+`nbgrader generate_assignment` (with the course's configuration, course/) replaces every solution by
+`raise NotImplementedError()` and cuts the hidden tests; `nbgrader autograde` puts the hidden tests
+back and runs each notebook top to bottom in grading mode. Handed in untouched, every notebook must
+score zero on every exercise, and only the exercise cells may fail, with NotImplementedError: later
+cells use the library's version, never the student's.
 """
 
-import re
-from pathlib import Path
-
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-SOLUTION = re.compile(r"^([ \t]*)### BEGIN SOLUTION\n.*?^[ \t]*### END SOLUTION[ \t]*$", re.S | re.M)
+from nbgrader_course import autograde, errors, meta, moba_course, notebook_names, read, release, scores, submit
 
-
-def nbgrader(cell):
-    return cell.get("metadata", {}).get("nbgrader", {})
+NOTEBOOKS = sorted(p for a in moba_course.ASSIGNMENTS for p in moba_course.notebooks(a))
 
 
-def student_version(nb):
-    """Replace each solution by `raise NotImplementedError()` (nbgrader's default stub)."""
-    for cell in nb.cells:
-        if cell.cell_type == "code" and nbgrader(cell).get("solution"):
-            cell.source = SOLUTION.sub(lambda m: f"{m.group(1)}# YOUR CODE HERE\n{m.group(1)}raise NotImplementedError()",
-                                       cell.source)
-    return nb
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    """Every assignment released, submitted untouched by the student "release", and autograded."""
+    course = release(tmp_path_factory.mktemp("course"))
+    for assignment in moba_course.ASSIGNMENTS:
+        for name in notebook_names(assignment):
+            submit(course, "release", assignment, name, read(course, "release", assignment, name))
+        autograde(course, assignment)
+    return course
 
 
-def test_every_notebook_has_graded_exercises():
-    assert NOTEBOOKS, "no notebooks found"
-    for path in NOTEBOOKS:
-        nb = nbformat.read(path, as_version=4)
-        solutions = [c for c in nb.cells if nbgrader(c).get("solution")]
-        checks = [c for c in nb.cells if nbgrader(c).get("grade")]
-        assert len(solutions) >= 2 and len(checks) >= 2, f"{path.name}: needs >= 2 exercises with checks"
-        assert all(SOLUTION.search(c.source) for c in solutions), f"{path.name}: a solution cell lacks markers"
-        ids = [nbgrader(c)["grade_id"] for c in solutions + checks]
-        assert len(ids) == len(set(ids)), f"{path.name}: duplicate grade_id"
+def test_every_notebook_belongs_to_one_assignment():
+    listed = sorted(p.name for a in moba_course.ASSIGNMENTS for p in moba_course.notebooks(a))
+    assert len(listed) == len(set(listed))
+    on_disk = sorted(p.name for p in moba_course.NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    assert listed == on_disk, "every notebook is in one assignment: add it to ASSIGNMENTS in course/moba_course.py"
+
+
+@pytest.mark.parametrize("assignment", sorted(moba_course.ASSIGNMENTS))
+def test_untouched_release_scores_zero(course, assignment):
+    graded = scores(course, assignment, "release")
+    expected = {meta(c)["grade_id"] for name in notebook_names(assignment)
+                for c in read(course, "source", assignment, name).cells if meta(c).get("grade")}
+    assert set(graded) == expected
+    assert all(score == 0 and points > 0 for score, points in graded.values()), graded
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_student_version_runs(path, tmp_path):
-    nb = student_version(nbformat.read(path, as_version=4))
-    NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=True,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        errors = [o for o in cell.get("outputs", []) if o.output_type == "error"]
-        if not errors:
-            continue
-        exercise = nbgrader(cell).get("solution") or nbgrader(cell).get("grade")
-        assert exercise and errors[0].ename == "NotImplementedError", (
+def test_student_version_runs(course, path):
+    assignment = next(a for a in moba_course.ASSIGNMENTS if path in moba_course.notebooks(a))
+    nb = read(course, "autograded", assignment, path.stem, "release")
+    for cell, error in errors(nb):
+        exercise = meta(cell).get("solution") or meta(cell).get("grade")
+        assert exercise and error.ename == "NotImplementedError", (
             f"{path.name}: a cell outside the exercises fails in the student version "
-            f"({errors[0].ename}: {errors[0].evalue}):\n{cell.source[:300]}")
+            f"({error.ename}: {error.evalue}):\n{cell.source[:300]}")
+    failed = {meta(c).get("grade_id") for c, _ in errors(nb)}
+    checks = {meta(c)["grade_id"] for c in nb.cells if meta(c).get("grade")}
+    assert checks <= failed, f"{path.name}: a check passed with no answer written: {sorted(checks - failed)}"
