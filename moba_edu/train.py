@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -187,9 +188,10 @@ def _progress(steps: int, show: bool):
     return lambda step, loss: show and (step + 1) % every == 0 and print(f"step {step + 1}/{steps} loss {loss:.4f}")
 
 
-def _env(device, world: int) -> dict:
+def _env(device, world: int, command: str | None) -> dict:
+    """What a log needs to be reproduced: versions, device, ranks, corpus, and the command (CLI runs)."""
     return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or "cpu", "world": world, "corpus": data.corpus_info()}
+            else platform.processor() or "cpu", "world": world, "corpus": data.corpus_info(), "command": command}
 
 
 def train_step(model, opt, cfg: TrainConfig, tokens: torch.Tensor, step: int, world: int) -> float:
@@ -209,15 +211,16 @@ def train_step(model, opt, cfg: TrainConfig, tokens: torch.Tensor, step: int, wo
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, *, ckpt_dir: str | Path | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, command: str | None = None) -> dict:
     """Train for cfg.steps steps; returns the log {config, env, history, evals, seconds_per_step}. Rank 0
-    writes it to out/NAME.json (with `out`) and the checkpoint to ckpt_dir/NAME.pt (with `ckpt_dir`)."""
+    writes it to out/NAME.json (with `out`) and the checkpoint to ckpt_dir/NAME.pt (with `ckpt_dir`).
+    `command`: the command line that reproduces the run, logged in env (the CLI passes its own)."""
     rank, world, device = _world()
     if cfg.batch % world:
         raise ValueError(f"batch: the global batch {cfg.batch} must divide by the {world} processes")
     model, opt = build(cfg, device, world)
     gen = torch.Generator().manual_seed(cfg.seed)
-    log = {"config": dataclasses.asdict(cfg), "env": _env(device, world), "history": [], "evals": []}
+    log = {"config": dataclasses.asdict(cfg), "env": _env(device, world, command), "history": [], "evals": []}
     tick = _progress(cfg.steps, progress and rank == 0)
     path = Path(out) / f"{cfg.name}.json" if out is not None and rank == 0 else None
     train_seconds = 0.0
@@ -265,7 +268,7 @@ def load_model(path: str | Path, device="cpu") -> Model:
     return model
 
 
-def throughput(cfg: TrainConfig, out: str | Path | None = None, warmup: int = 3) -> dict:
+def throughput(cfg: TrainConfig, out: str | Path | None = None, warmup: int = 3, command: str | None = None) -> dict:
     """Time cfg.steps training steps (no evaluation); the first `warmup` are left out (compilation).
     Returns {tokens_per_s, tokens_per_s_per_gpu, peak_memory_gib (max over ranks), step_seconds, ...};
     rank 0 writes it to out/throughput-NAME-W.json."""
@@ -288,7 +291,7 @@ def throughput(cfg: TrainConfig, out: str | Path | None = None, warmup: int = 3)
     if world > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     median = sorted(seconds[warmup:])[len(seconds[warmup:]) // 2]
-    result = {"config": dataclasses.asdict(cfg), "env": _env(device, world), "tokens_per_step": cfg.batch * cfg.seq_len,
+    result = {"config": dataclasses.asdict(cfg), "env": _env(device, world, command), "tokens_per_step": cfg.batch * cfg.seq_len,
               "median_step_s": median, "tokens_per_s": cfg.batch * cfg.seq_len / median,
               "tokens_per_s_per_gpu": cfg.batch * cfg.seq_len / median / world,
               "peak_memory_gib": peak.item() / 2**30 if device.type == "cuda" else None, "step_seconds": seconds}
@@ -311,16 +314,20 @@ def main(argv=None) -> None:
     parser.add_argument("--throughput", action="store_true", help="time steps: tokens/s and peak memory")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    launcher = f"torchrun --nproc-per-node {world} -m" if world > 1 else "python -m"
+    command = " ".join([launcher, "moba_edu.train", *(sys.argv[1:] if argv is None else argv)])
     overrides = {key: value for key, value in [("steps", args.steps), ("batch", args.batch), ("seed", args.seed),
                                                 ("switch_at", args.switch_at)] if value is not None}
     cfg = make_config(args.config, args.attn, **overrides)
     try:
         if args.throughput:
-            result = throughput(cfg, args.out)
+            result = throughput(cfg, args.out, command=command)
             if int(os.environ.get("RANK", 0)) == 0:
                 print(json.dumps({k: result[k] for k in ("tokens_per_s", "peak_memory_gib", "median_step_s")}))
         else:
-            train(cfg, args.out, ckpt_dir=None if args.no_ckpt else args.ckpt_dir, progress=not args.no_progress)
+            train(cfg, args.out, ckpt_dir=None if args.no_ckpt else args.ckpt_dir, progress=not args.no_progress,
+                  command=command)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

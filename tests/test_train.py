@@ -176,5 +176,8 @@ def test_two_gloo_processes_follow_one_process(tmp_path):
     subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, env=env, cwd=tmp_path)
     one, two = (json.loads((tmp_path / n / "tiny-moba.json").read_text()) for n in ("one", "two"))
     assert two["env"]["world"] == 2 and one["env"]["world"] == 1
+    # each log names the command that reproduces it
+    assert one["env"]["command"] == f"python -m moba_edu.train {' '.join(args[2:])} --out {tmp_path / 'one'}"
+    assert two["env"]["command"].startswith("torchrun --nproc-per-node 2 -m moba_edu.train --config tiny")
     assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], abs=5e-5)
     assert two["evals"][-1]["val_loss"] == pytest.approx(one["evals"][-1]["val_loss"], abs=5e-5)
