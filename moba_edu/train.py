@@ -260,6 +260,12 @@ def save_checkpoint(model, opt, cfg: TrainConfig, path: Path, rank: int) -> None
         torch.save({"model": model_state, "optimizer": opt_state, "config": dataclasses.asdict(cfg)}, path)
 
 
+# The tiny MoBA run committed with the repository, which the trained-model routing explorer reads (in a
+# checkout; a wheel does not ship it), made by
+#     python -m moba_edu.train --config tiny --attn moba --out figures/train --ckpt-dir figures/train
+TINY_CHECKPOINT = Path(__file__).resolve().parent.parent / "figures" / "train" / "tiny-moba.pt"
+
+
 def load_model(path: str | Path, device="cpu") -> Model:
     """The model of a checkpoint written by `train`, on `device`."""
     state = torch.load(path, map_location=device, weights_only=False)
