@@ -1,11 +1,13 @@
-"""Notebook 03's dashboard works live in JupyterLab and in the classic Notebook (7), in a real browser.
+"""The dashboards work live in JupyterLab and in the classic Notebook (7), in a real browser: notebook
+03's router explorer, and notebook 08's trained-model explorer (its cells tagged "model-explorer",
+served alone: the live training runs before them are left out).
 
-Starts JupyterLab on 127.0.0.1 (random token, free port, nothing fetched from the network) serving a
-copy of notebook 03 without its outputs, so autosave can never touch the committed file. Headless Chromium (Debian's
+Starts JupyterLab on 127.0.0.1 (random token, free port, nothing fetched from the network) serving
+copies of the notebooks without their outputs, so autosave can never touch the committed files. Headless Chromium (Debian's
 package at /usr/bin/chromium, driven by Playwright, which cannot download its own browser here)
-opens notebook 03, runs all cells from the Run menu, checks that the widgets rendered, drags the
-top_k slider with the mouse and checks that the views changed. A screenshot goes to test-artifacts/. Every
-process started here is stopped at the end, kernels included.
+opens a notebook, runs all cells from the Run menu, checks that the widgets rendered, drags a
+slider with the mouse (top_k in 03, the token in 08's explorer) and checks that the views changed.
+A screenshot goes to test-artifacts/. Every process started here is stopped at the end, kernels included.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "03_routing_explorer.ipynb"
+TRAINING = ROOT / "notebooks" / "08_training.ipynb"
+MODEL_TAG = "model-explorer"  # the tag of notebook 08's trained-model explorer cells
+MODEL_NOTEBOOK = "08_model_explorer.ipynb"  # the name those cells are served under
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -105,19 +110,29 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def served_notebooks() -> dict:
+    """{name: notebook without stored outputs}: notebook 03, and notebook 08's cells tagged MODEL_TAG."""
+    nb03, nb08 = (nbformat.read(path, as_version=4) for path in (NOTEBOOK, TRAINING))
+    nb08.cells = [cell for cell in nb08.cells if MODEL_TAG in cell.metadata.get("tags", [])]
+    assert nb08.cells, f"{TRAINING.name} has no cells tagged {MODEL_TAG!r}"
+    for nb in (nb03, nb08):
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+        nb.metadata.pop("widgets", None)  # the stored widget state
+    return {NOTEBOOK.name: nb03, MODEL_NOTEBOOK: nb08}
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A running JupyterLab serving a copy of notebook 03 without its stored outputs (so that what the
-    test sees was computed in the browser's kernel): yields (base url, token)."""
+    """A running JupyterLab serving the notebooks of `served_notebooks` (so that what the test sees was
+    computed in the browser's kernel): yields (base url, token, {name: notebook})."""
     home = tmp_path_factory.mktemp("lab")
     served = home / "notebooks"
     served.mkdir()
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    nb.metadata.pop("widgets", None)  # the stored widget state
-    nbformat.write(nb, served / NOTEBOOK.name)
+    notebooks = served_notebooks()
+    for name, nb in notebooks.items():
+        nbformat.write(nb, served / name)
     for name, values in LAB_SETTINGS.items():
         path = home / "settings" / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +159,7 @@ def lab(tmp_path_factory):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"JupyterLab did not start:\n{(home / 'lab.log').read_text()}") from None
                 time.sleep(0.5)
-        yield url, token
+        yield url, token, notebooks
     finally:
         stop(proc)
         log.close()
@@ -196,12 +211,13 @@ def drag_slider(page, slider, value: int) -> None:
     page.mouse.up()
 
 
-@pytest.mark.parametrize("front_end", FRONT_ENDS)
-def test_dashboard_renders_and_follows_a_slider(chromium, lab, tmp_path, front_end):
+@contextlib.contextmanager
+def running_notebook(chromium, lab, tmp_path, front_end: str, name: str):
+    """Open the served notebook `name` in `front_end`, run all its cells and wait for them: yields
+    (page, notebook locator). A screenshot of the end state goes to test-artifacts/."""
     from playwright.sync_api import expect, sync_playwright
 
-    url, token = lab
-    committed = NOTEBOOK.read_bytes()
+    url, token, notebooks = lab
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
@@ -214,32 +230,75 @@ def test_dashboard_renders_and_follows_a_slider(chromium, lab, tmp_path, front_e
             kernel_dialog = page.locator(".jp-Dialog", has_text="Select Kernel")
             page.add_locator_handler(kernel_dialog,
                                      lambda: kernel_dialog.get_by_role("button", name="Select", exact=True).click())
-            page.goto(f"{url}/{FRONT_ENDS[front_end].format(name=NOTEBOOK.name)}?token={token}", timeout=120_000)
+            page.goto(f"{url}/{FRONT_ENDS[front_end].format(name=name)}?token={token}", timeout=120_000)
             notebook = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook")
             prompts = notebook.locator(".jp-CodeCell .jp-InputPrompt")
-            n_code = sum(c.cell_type == "code" for c in nbformat.read(NOTEBOOK, as_version=4).cells)
+            n_code = sum(c.cell_type == "code" for c in notebooks[name].cells)
             expect(prompts).to_have_count(n_code, timeout=120_000)  # a loaded machine renders cells late
             run_all_cells(page, prompts)
             errors = notebook.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
                                       has_text="Traceback")
             wait_for_all_cells(prompts, errors, n_code, timeout_s=300)
-
-            dashboard = notebook.locator(".jp-OutputArea-output", has=page.locator(".widget-slider")).first
-            expect(dashboard).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("Loading widget")).to_have_count(0, timeout=60_000)
-            sliders = dashboard.locator(".widget-slider")
-            assert sliders.count() == 5  # seq_len, block_size, top_k, head, query
-            image, summary = dashboard.locator("img"), dashboard.locator(".widget-html", has_text="attends blocks")
-            src_before, text_before = image.get_attribute("src"), summary.inner_text()
-            assert src_before and "attends blocks" in text_before
-
-            top_k = sliders.filter(has_text="top_k")
-            drag_slider(page, top_k, 3)
-            expect(top_k.locator(".widget-readout")).to_have_text("3", timeout=10_000)
-            expect(summary).not_to_have_text(text_before, timeout=30_000)
-            expect(image).not_to_have_attribute("src", src_before, timeout=30_000)
-            assert "attends blocks [7, 1, " in summary.inner_text()  # top_k 3: own block, needle, one more
+            yield page, notebook
         finally:
-            page.screenshot(path=str(ARTIFACTS / f"browser_nb03_{front_end}.png"), full_page=False)
+            page.screenshot(path=str(ARTIFACTS / f"browser_nb{name[:2]}_{front_end}.png"), full_page=False)
             context.close()
+
+
+def rendered_dashboard(page, notebook, n_sliders: int):
+    """The output area of the first widget dashboard, once rendered, with its `n_sliders` sliders."""
+    from playwright.sync_api import expect
+
+    dashboard = notebook.locator(".jp-OutputArea-output", has=page.locator(".widget-slider")).first
+    expect(dashboard).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Loading widget")).to_have_count(0, timeout=60_000)
+    expect(dashboard.locator(".widget-slider")).to_have_count(n_sliders)
+    return dashboard
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_dashboard_renders_and_follows_a_slider(chromium, lab, tmp_path, front_end):
+    from playwright.sync_api import expect
+
+    committed = NOTEBOOK.read_bytes()
+    with running_notebook(chromium, lab, tmp_path, front_end, NOTEBOOK.name) as (page, notebook):
+        dashboard = rendered_dashboard(page, notebook, 5)  # seq_len, block_size, top_k, head, query
+        sliders = dashboard.locator(".widget-slider")
+        image, summary = dashboard.locator("img"), dashboard.locator(".widget-html", has_text="attends blocks")
+        src_before, text_before = image.get_attribute("src"), summary.inner_text()
+        assert src_before and "attends blocks" in text_before
+
+        top_k = sliders.filter(has_text="top_k")
+        drag_slider(page, top_k, 3)
+        expect(top_k.locator(".widget-readout")).to_have_text("3", timeout=10_000)
+        expect(summary).not_to_have_text(text_before, timeout=30_000)
+        expect(image).not_to_have_attribute("src", src_before, timeout=30_000)
+        assert "attends blocks [7, 1, " in summary.inner_text()  # top_k 3: own block, needle, one more
     assert NOTEBOOK.read_bytes() == committed
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_model_explorer_follows_its_token_slider(chromium, lab, tmp_path, front_end):
+    """Notebook 08's trained-model explorer: dragging the token slider moves the token and redraws the
+    text of the blocks it attends."""
+    from playwright.sync_api import expect
+
+    committed = TRAINING.read_bytes()
+    with running_notebook(chromium, lab, tmp_path, front_end, MODEL_NOTEBOOK) as (page, notebook):
+        dashboard = rendered_dashboard(page, notebook, 3)  # layer, head, token
+        summary = dashboard.locator(".widget-html", has_text="attends blocks")
+        own = dashboard.locator("[data-state='own block']")
+        expect(own).to_have_count(1)
+        token = dashboard.locator(".widget-slider").filter(has_text="token t")
+        readout = token.locator(".widget-readout")
+        before, own_before = readout.inner_text(), own.inner_text()
+        assert f"token t={before} " in summary.inner_text()
+
+        drag_slider(page, token, 40)  # the notebook opens it near the end of the text
+        expect(readout).not_to_have_text(before, timeout=10_000)
+        after = readout.inner_text()
+        expect(summary).to_contain_text(f"token t={after} ", timeout=30_000)
+        expect(own).not_to_have_text(own_before, timeout=30_000)  # another own block, or the token moved in it
+        block = int(own.get_attribute("data-block"))
+        assert block == int(after) // int(re.search(r"block_size=(\d+)", summary.inner_text())[1])
+    assert TRAINING.read_bytes() == committed
