@@ -3,11 +3,12 @@
 served alone: the live training runs before them are left out).
 
 Starts JupyterLab on 127.0.0.1 (random token, free port, nothing fetched from the network) serving
-copies of the notebooks without their outputs, so autosave can never touch the committed files. Headless Chromium (Debian's
-package at /usr/bin/chromium, driven by Playwright, which cannot download its own browser here)
-opens a notebook, runs all cells from the Run menu, checks that the widgets rendered, drags a
-slider with the mouse (top_k in 03, the token in 08's explorer) and checks that the views changed.
-A screenshot goes to test-artifacts/. Every process started here is stopped at the end, kernels included.
+copies of the notebooks without their outputs, so autosave can never touch the committed files.
+Headless Chromium (Debian's package at /usr/bin/chromium, driven by Playwright, which cannot download
+its own browser here) opens a notebook, runs all cells from the Run menu, checks that the widgets
+rendered, drags a slider with the mouse (top_k in 03, the token in 08's explorer) and checks that the
+views changed. A screenshot goes to test-artifacts/. Every process started here is stopped at the
+end, kernels included.
 """
 
 from __future__ import annotations

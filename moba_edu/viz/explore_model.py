@@ -88,7 +88,8 @@ class ModelExplorer(widgets.VBox):
                 f"top_k={self.model.cfg.top_k}, block_size={self.block_size}")
 
 
-def explore_model(model, text: str | bytes, *, layer: int = 0, head: int = 0, token: int | None = None) -> ModelExplorer:
+def explore_model(model, text: str | bytes, *, layer: int = 0, head: int = 0,
+                  token: int | None = None) -> ModelExplorer:
     """Open the trained-model dashboard on `text` (str as UTF-8, or bytes): display it as a cell's last
     expression. `model`: a `moba_edu.model.Model` (e.g. `moba_edu.train.load_model(path)`); `token`
     defaults to the last byte."""
