@@ -291,8 +291,8 @@ def test_model_explorer_follows_its_token_slider(chromium, lab, tmp_path, front_
         own = dashboard.locator("[data-state='own block']")
         expect(own).to_have_count(1)
         token = dashboard.locator(".widget-slider").filter(has_text="token t")
-        readout = token.locator(".widget-readout")
-        before, own_before = readout.inner_text(), own.inner_text()
+        readout, image = token.locator(".widget-readout"), dashboard.locator("img")
+        before, own_before, src_before = readout.inner_text(), own.inner_text(), image.get_attribute("src")
         assert f"token t={before} " in summary.inner_text()
 
         drag_slider(page, token, 40)  # the notebook opens it near the end of the text
@@ -300,6 +300,7 @@ def test_model_explorer_follows_its_token_slider(chromium, lab, tmp_path, front_
         after = readout.inner_text()
         expect(summary).to_contain_text(f"token t={after} ", timeout=30_000)
         expect(own).not_to_have_text(own_before, timeout=30_000)  # another own block, or the token moved in it
+        expect(image).not_to_have_attribute("src", src_before, timeout=30_000)
         block = int(own.get_attribute("data-block"))
         assert block == int(after) // int(re.search(r"block_size=(\d+)", summary.inner_text())[1])
     assert TRAINING.read_bytes() == committed
