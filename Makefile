@@ -17,7 +17,7 @@ CPU_ENV := CUDA_VISIBLE_DEVICES= HYPOTHESIS_PROFILE=$(if $(CI),ci,dev)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(PIP_EXTRA) -c constraints.txt -e ".[dev,nbgrader]"
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) -c constraints.txt -e ".[dev,hf,nbgrader]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 

@@ -21,9 +21,11 @@ from traitlets import Integer, List, Unicode
 
 COURSE = Path(__file__).resolve().parent
 NOTEBOOKS = COURSE.parent / "notebooks"
-# Assignment -> the notebook numbers it hands out. A3 needs Linux (Triton's CPU interpreter) or a GPU;
-# on macOS and Windows students read its stored outputs (or use WSL2). Notebooks 08+ will form A4.
-ASSIGNMENTS = {"A1": ("00", "01", "02"), "A2": ("03", "04"), "A3": ("05", "06", "07")}
+# Assignment -> the notebook numbers it hands out. A3 and A4 (notebook 09's decode kernel) need Linux
+# (Triton's CPU interpreter) or a GPU; on macOS and Windows students read their stored outputs (or use
+# WSL2). A new notebook goes into one assignment here (10, beyond MoBA: append "10" to A4), with its
+# points in docs/teaching.md; tests/test_student_versions.py fails until every notebook is listed.
+ASSIGNMENTS = {"A1": ("00", "01", "02"), "A2": ("03", "04"), "A3": ("05", "06", "07"), "A4": ("08", "09")}
 
 
 def notebooks(assignment: str, notebook_dir: Path = NOTEBOOKS) -> list[Path]:
@@ -63,7 +65,7 @@ class KeepStoredOutputs(ClearOutput):
     outside the exercises keep their stored outputs: notebooks 05-07 show their H200 and CPU results
     (figures, tables) to students whose machine cannot run Triton. Exercise cells are always cleared."""
 
-    keep_outputs = List(Unicode(), ["05_*", "06_*", "07_*"], help="notebook names whose stored outputs "
+    keep_outputs = List(Unicode(), ["05_*", "06_*", "07_*", "09_*"], help="notebook names whose stored outputs "
                         "students keep").tag(config=True)
 
     def preprocess(self, nb, resources):

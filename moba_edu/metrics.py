@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks.grading import exercise
 from .quality import recall_curve
 
 
@@ -18,6 +19,7 @@ def token_losses(model, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
 
 
+@exercise("nb08.check_trailing_loss")
 def trailing_loss(losses: torch.Tensor, last: int) -> float:
     """Mean loss of the last `last` positions of every sequence: losses [B, S] -> float. The tokens that
     have the most context before them, where long-range attention can help most."""

@@ -21,10 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .api import moba_attention
+from .checks.grading import exercise
 
 KINDS = ("full", "moba")
 
 
+@exercise("nb08.check_hybrid_pattern")
 def hybrid_pattern(n_layer: int, last_full: int) -> tuple[str, ...]:
     """MoBA in the first `n_layer - last_full` layers, full attention in the last `last_full`."""
     if not 0 <= last_full <= n_layer:

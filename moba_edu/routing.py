@@ -100,7 +100,7 @@ def own_block(seq_len: int, block_size: int, device=None, start: int = 0) -> tor
     return torch.arange(start, start + seq_len, device=device) // block_size
 
 
-@exercise("nb02.check_select_blocks")
+@exercise("nb02.check_select_blocks", "nb09.check_route_token")
 def select_blocks(gates: torch.Tensor, block_size: int, top_k: int, start: int = 0) -> torch.Tensor:
     """Own block first, then the top_k - 1 eligible blocks with the largest gates, then -1.
 

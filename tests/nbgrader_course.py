@@ -1,7 +1,7 @@
 """A throwaway copy of the course for tests: nbgrader's own commands (generate_assignment, autograde,
 generate_feedback) with the course's configuration, on the repository's notebooks.
 
-CI grades the solutions and the planted mistakes on one notebook per assignment (GRADED); with
+CI grades the solutions and the planted mistakes on one notebook per assignment (GRADED, the quickest: FAST); with
 MOBA_EDU_GRADE_ALL=1 (`make assignments-check`) on every notebook. The untouched release is always
 graded whole (tests/test_student_versions.py).
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(COURSE))
 import moba_course  # noqa: E402
 
 GRADE_ALL = os.environ.get("MOBA_EDU_GRADE_ALL") == "1"
-FAST = {"A1": "00", "A2": "03", "A3": "05"}  # the quickest notebook of each assignment
+FAST = {"A1": "00", "A2": "03", "A3": "05", "A4": "09"}  # the quickest notebook of each assignment
 GRADED = {a: moba_course.ASSIGNMENTS[a] if GRADE_ALL else (FAST[a],) for a in moba_course.ASSIGNMENTS}
 
 

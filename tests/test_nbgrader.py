@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moba_edu import routing
-from moba_edu.checks import Mistake, nb00, nb03, nb05
+from moba_edu.checks import Mistake, nb00, nb03, nb05, nb09
 from nbgrader_course import (GRADED, ROOT, answer, autograde, errors, feedback, feedback_text, meta, moba_course,
                              notebook_names, read, release, scores, submit)
 
@@ -30,6 +30,9 @@ PLANTED = {  # assignment -> (solution grade_id, a wrong answer, its check): one
            "    p = torch.exp(s - m_new[:, None])\n"
            "    return m_new, l + p.sum(dim=1), acc * torch.exp(m - m_new)[:, None] + p @ v\n",
            nb05.check_attention_update),
+    "A4": ("nb09-route-token", "def route_token(q_t, means, t, block_size, top_k):\n"
+           "    gates = means[:t // block_size + 1].float() @ q_t.float()\n"
+           "    return gates.topk(min(top_k - 1, len(gates))).indices\n", nb09.check_route_token),
 }
 for _assignment, (_grade_id, _, _) in PLANTED.items():  # a planted notebook is always graded
     assert _grade_id[2:4] in GRADED[_assignment]
@@ -44,7 +47,7 @@ def fitted_num_blocks() -> str:
 
 COPIED = {  # solution grade_id -> (an answer that is not the student's work, the exception that zeroes it)
     "nb00-num-blocks": (fitted_num_blocks(), "Mistake"),  # the hidden test's cases were not in the table
-    "nb00-causal-fraction": ("from moba_edu.viz.cost import attended_pairs\n\n"
+    "nb00-causal-fraction": ("from moba_edu.cost import attended_pairs\n\n"
                              "def causal_fraction(S, block_size, top_k):\n"
                              "    return attended_pairs(S, block_size, top_k) / (S * (S + 1) / 2)\n", "WriteItYourself"),
     "nb02-eligible": ("from moba_edu import routing\n\neligible = routing.eligible\n", "WriteItYourself"),

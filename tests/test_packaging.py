@@ -1,6 +1,7 @@
 """The install files agree: every dependency of pyproject.toml (every extra included) is pinned in
-constraints.txt, environment.yml pins the same versions, and both it and `make setup` install every
-extra; `import moba_edu` stays light."""
+constraints.txt (in pip freeze's order), environment.yml pins the same versions, and both it and
+`make setup` install the package with every extra named, `.[dev,hf,nbgrader]` (an extra may also pull
+in another, as dev does hf: naming each keeps the rule one line); `import moba_edu` stays light."""
 
 import re
 import subprocess
@@ -30,6 +31,11 @@ def pyproject_dependencies():
     return {requirement_name(r) for r in reqs} - {normalise(project["name"])}
 
 
+def every_extra() -> str:
+    """The extras part of the install spec: every extra of pyproject.toml, sorted, e.g. "dev,hf,nbgrader"."""
+    return ",".join(sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]))
+
+
 def pins(lines):
     found = {}
     for line in lines:
@@ -45,6 +51,13 @@ def test_constraints_pin_every_dependency():
     assert not missing, f"constraints.txt lacks pins for {sorted(missing)}"
 
 
+def test_constraints_are_in_pip_freeze_order():
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines == sorted(lines, key=str.lower), "constraints.txt: keep pip freeze's order (lines sorted, ignoring case)"
+    assert f"-e '.[{every_extra()}]'" in (ROOT / "constraints.txt").read_text(), \
+        f"constraints.txt's header should say it was frozen from .[{every_extra()}]"
+
+
 def test_environment_yml_matches_constraints():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
@@ -54,13 +67,11 @@ def test_environment_yml_matches_constraints():
         f"environment.yml lacks {sorted(pyproject_dependencies() - env_pins.keys())}"
     for name, version in env_pins.items():
         assert constraints.get(name) == version, f"{name}: environment.yml {version}, constraints {constraints.get(name)}"
-    extras = ",".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
-    assert f"-e .[{extras}]" in pip_section, f"environment.yml must install the package itself with [{extras}]"
+    assert f"-e .[{every_extra()}]" in pip_section, f"environment.yml must install the package with .[{every_extra()}]"
 
 
 def test_make_setup_installs_every_extra():
-    extras = ",".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
-    assert f'-e ".[{extras}]"' in (ROOT / "Makefile").read_text(), f"make setup must install .[{extras}]"
+    assert f'-e ".[{every_extra()}]"' in (ROOT / "Makefile").read_text(), f"make setup must install .[{every_extra()}]"
 
 
 def test_import_is_light():

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 
 import numpy as np
 import torch
 
 from . import Mistake
+from .grading import refuse_library_kernel
 
 GUARD = 256  # elements on each side of a guarded buffer: more than one tile of any exercise
 
@@ -113,8 +115,12 @@ def run(launch, hints: dict, what: str) -> None:
     any argument (memory layout makes "nearest" a guess); a missing entry gets a generic sentence. `what`
     names the student's code in messages. A NotImplementedError raised in the student's code comes out
     as itself (the unanswered exercise); anything else Triton raises becomes a one-line Mistake.
+    While grading, the caller (a check) must not have been handed the library's own kernel piece
+    (`grading.refuse_library_kernel`).
     """
     from ..kernels import INTERPRET
+
+    refuse_library_kernel(sys._getframe(1))
 
     try:
         with _checked_interpreter() if INTERPRET else contextlib.nullcontext():

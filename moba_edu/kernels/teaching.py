@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks.grading import exercise
 from . import INTERPRET
 
 
@@ -43,6 +44,7 @@ def load_rows(base, rows, n_rows, stride, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
     return tl.load(base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
 
 
+@exercise("nb06.check_attend_step")
 @triton.jit
 def attend_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
     """Fold one key tile into a query tile's running softmax.
@@ -59,6 +61,7 @@ def attend_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p, v)
 
 
+@exercise("nb06.check_walk_blocks")
 @triton.jit
 def walk_blocks(q, idx, offs_m, q_end, own, k_base, v_base, stride, blocks_ptr, n_listed, block_size, qk_scale,
                 ATTEND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -242,6 +245,7 @@ def run_attend_step(q, k, v, visible, m, l, acc, scale, attend=attend_step):
     return m, l, acc
 
 
+@exercise("nb07.check_dkdv_step")
 @triton.jit
 def dkdv_step(q, do, lse, delta, k, v, visible, dk, dv, scale):
     """One query tile's share of one key tile's gradients (notebook 07): recompute P from lse, then

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...routing import num_blocks
-from ...viz.cost import attended_pairs, dense_pairs
+from ...cost import attended_pairs, dense_pairs
 from . import agree, generator, randint
 
 

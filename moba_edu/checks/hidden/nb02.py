@@ -1,10 +1,10 @@
-"""Hidden tests for notebook 02 (MoBA by masking): block means, gates, eligibility, top-k."""
+"""Hidden tests for notebook 02 (MoBA by masking): block means, scores, eligibility, top-k."""
 
 from __future__ import annotations
 
 import torch
 
-from ...routing import block_means, eligible, gate_scores, indices_to_mask, num_blocks, select_blocks
+from ...routing import block_means, block_scores, eligible, indices_to_mask, num_blocks, select_blocks
 from . import agree, close, equal, generator, randint
 
 
@@ -17,13 +17,13 @@ def check_block_means(fn) -> None:
               f"k [{S}, {D}] {dtype}, block_size={block_size}")
 
 
-def check_gate_scores(fn) -> None:
-    gen = generator("nb02.check_gate_scores")
+def check_block_scores(fn) -> None:
+    gen = generator("nb02.check_block_scores")
     for dtype in (torch.float32, torch.bfloat16):
         S, block_size, D = randint(gen, 1, 24), randint(gen, 1, 6), randint(gen, 1, 6)
         q, k = (torch.randn(1, 1, S, D, generator=gen).to(dtype) for _ in range(2))
         means = block_means(k, block_size)[0, 0]
-        agree(fn(q[0, 0], means), gate_scores(q, k, block_size)[0, 0], lambda a, b: close(a, b, 1e-4, 1e-4),
+        agree(fn(q[0, 0], means), block_scores(q, k, block_size)[0, 0], lambda a, b: close(a, b, 1e-4, 1e-4),
               f"q [{S}, {D}] {dtype}, {len(means)} block means")
 
 
@@ -41,6 +41,6 @@ def check_select_blocks(fn) -> None:
         N = num_blocks(S, block_size)
         top_k = randint(gen, 1, N + 1)
         q, k = torch.randn(2, 1, 1, S, 4, generator=gen)
-        gates = gate_scores(q, k, block_size)[0, 0].masked_fill(~eligible(S, block_size), float("-inf"))
+        gates = block_scores(q, k, block_size)[0, 0].masked_fill(~eligible(S, block_size), float("-inf"))
         agree(fn(gates.clone(), block_size, top_k), indices_to_mask(select_blocks(gates, block_size, top_k), N),
               lambda a, b: equal(a, b) and a.dtype == torch.bool, f"S={S}, block_size={block_size}, top_k={top_k}")

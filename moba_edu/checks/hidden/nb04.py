@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...efficient import merge_partials, partial_attention
-from ...viz.cost import attended_pairs
+from ...cost import attended_pairs
 from . import agree, close, generator, randint
 
 
