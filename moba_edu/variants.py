@@ -97,22 +97,31 @@ def max_pooled(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int)
     return select(scores_against(q, block_max(k, block_size)), block_size, top_k)
 
 
-def tile_shared(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int, tile_size: int) -> torch.Tensor:
+def tile_shared(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int, tile_size: int,
+                by: str = "mean") -> torch.Tensor:
     """One routed set per tile of `tile_size` consecutive queries (tiles start at 0, the last may be short).
 
-    The tile routes by its mean query (the mean of the tile's scores, since the score is linear in q),
-    among the blocks eligible for the tile's FIRST query, so the choice is causal for every query of
-    the tile; each query keeps its own block first. tile_size = 1 is MoBA.
+    by="mean": the tile routes by its mean query (the mean of the tile's scores: the score is linear in
+    q); by="first": by its first query. Either way only blocks eligible for the tile's FIRST query
+    compete, so no query routes to its own or a later block; each query keeps its own block first.
+    Caution: with "mean", query t's choice depends on the later queries of its tile (fine when every
+    query is known, as in prefill; a leak of the future when training a causal model). "first" reads
+    only the tile's first query. tile_size = 1 is MoBA.
     """
     block_size, top_k = _check(q, k, block_size, top_k, "tile_shared")
     tile_size = check_int(tile_size, "tile_size")
+    if by not in ("mean", "first"):
+        raise ValueError(f"by must be 'mean' or 'first', got {by!r}")
     B, Hq, S, D = q.shape
     if S == 0:
         return route_indices(q, k, block_size=block_size, top_k=top_k)
     n_tiles = num_blocks(S, tile_size)
     tile = torch.arange(S, device=q.device) // tile_size  # [S]
-    q_tile = torch.zeros(B, Hq, n_tiles, D, device=q.device).index_add_(2, tile, q.detach().float())
-    q_tile /= torch.bincount(tile, minlength=n_tiles).float()[:, None]
+    if by == "mean":
+        q_tile = torch.zeros(B, Hq, n_tiles, D, device=q.device).index_add_(2, tile, q.detach().float())
+        q_tile /= torch.bincount(tile, minlength=n_tiles).float()[:, None]
+    else:
+        q_tile = q.detach().float()[:, :, ::tile_size]
     scores = scores_against(q_tile, block_means(k, block_size))[:, :, tile]  # [B, Hq, S, N]: the tile's scores
     first = tile * tile_size  # each query's tile start
     ineligible = torch.arange(scores.shape[-1], device=q.device)[None, :] >= (first // block_size)[:, None]
