@@ -57,3 +57,25 @@ def test_snr_names_the_mistake(slip, message):
 def test_snr_rejects_a_non_number():
     with pytest.raises(Mistake, match="return a number"):
         nb10.check_snr(lambda *args: "2.0")
+
+
+def largest_block(delta, d, sizes, min_snr, slip=None):
+    """The largest block size reaching min_snr, with one named slip or none."""
+    ok = [B for B in sizes if snr_of(delta, d, B, 1, slip="no 2" if slip == "no 2" else None) >= min_snr]
+    return min(ok) if slip == "smallest" else max(ok)
+
+
+def test_largest_block_accepts_the_right_answer(capsys):
+    nb10.check_largest_block(largest_block)
+    assert capsys.readouterr().out.startswith("✓")
+
+
+@pytest.mark.parametrize("slip, message", [("smallest", "routes best"), ("no 2", "forgot the 2")])
+def test_largest_block_names_the_mistake(slip, message):
+    with pytest.raises(Mistake, match=message):
+        nb10.check_largest_block(lambda *args: largest_block(*args, slip=slip))
+
+
+def test_largest_block_rejects_a_size_not_offered():
+    with pytest.raises(Mistake, match="return one of the block sizes"):
+        nb10.check_largest_block(lambda *args: 3)

@@ -62,3 +62,20 @@ def check_snr(fn) -> None:
         }, lambda a, b: math.isclose(a, b, rel_tol=1e-6),
             f"wrong SNR for delta={delta}, d={d}, B={B}, m={m}: (m delta / B) / sqrt(2 / (d B))")
     passed("SNR = m delta sqrt(d / (2 B)): signal m delta / B over the noise sqrt(2 / (d B))")
+
+
+def check_largest_block(fn) -> None:
+    """fn(delta, head_dim, sizes, min_snr) -> the largest block size in `sizes` whose SNR (one relevant
+    key) is at least `min_snr`."""
+    for delta, d, sizes, min_snr in [(1.0, 64, [8, 16, 32, 64, 128], 1.2816), (0.5, 128, [4, 8, 16, 32], 1.2816),
+                                     (2.0, 32, [16, 32, 64, 128, 256], 1.6449)]:
+        answer = fn(delta, d, list(sizes), min_snr)
+        expect(isinstance(answer, int) and answer in sizes, f"return one of the block sizes {sizes}, got {answer!r}")
+        pick = lambda f: max((B for B in sizes if f(B) >= min_snr), default=None)  # noqa: E731
+        judge(answer, pick(lambda B: snr(delta, d, B)), {
+            "that is the block size that routes best (the smallest); the question asks for the largest that still "
+            "reaches min_snr": min(sizes),
+            "forgot the 2 in sqrt(d / (2 B)): your SNRs are too large by sqrt(2)": pick(lambda B: delta * math.sqrt(d / B)),
+        }, lambda a, b: a == b,
+            f"wrong block size for delta={delta}, d={d}: the largest B with delta sqrt(d / (2 B)) >= {min_snr}")
+    passed("largest block size that still finds a lone relevant key: B <= d (delta / SNR)^2 / 2")
