@@ -191,7 +191,8 @@ def check_indices(indices: torch.Tensor, q: torch.Tensor, block_size: int) -> No
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
         raise TypeError(f"indices must be an int64 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
     if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, Hq, S) or (S and indices.shape[3] < 1):
-        raise ValueError(f"indices must have shape [B, Hq, S, K] = [{B}, {Hq}, {S}, K >= 1], got {tuple(indices.shape)}")
+        raise ValueError(f"indices must have shape [B, Hq, S, K] = [{B}, {Hq}, {S}, K >= 1], "
+                         f"got {tuple(indices.shape)}")
     own = torch.arange(S, device=q.device) // block_size
     if S and not (indices[..., 0] == own).all():
         raise ValueError("indices[..., 0] must be each query's own block t // block_size")

@@ -36,7 +36,8 @@ def check_block_max(fn) -> None:
         judge(answer, right, {
             "you took the mean: a max-pooled representative is the elementwise max over the block's keys":
                 block_means(k[None, None], block_size)[0, 0],
-            "max of |k|: keep the sign, the max of the keys themselves": block_max(k.abs()[None, None], block_size)[0, 0],
+            "max of |k|: keep the sign, the max of the keys themselves":
+                block_max(k.abs()[None, None], block_size)[0, 0],
             "zero padding: a short last block's max is over its real keys only (pad with -inf, or slice)":
                 pad.view(-1, block_size, 6).amax(1),
         }, _close, f"wrong representatives for S={S}, block_size={block_size}: max over keys "
@@ -75,7 +76,8 @@ def check_largest_block(fn) -> None:
         judge(answer, pick(lambda B: snr(delta, d, B)), {
             "that is the block size that routes best (the smallest); the question asks for the largest that still "
             "reaches min_snr": min(sizes),
-            "forgot the 2 in sqrt(d / (2 B)): your SNRs are too large by sqrt(2)": pick(lambda B: delta * math.sqrt(d / B)),
+            "forgot the 2 in sqrt(d / (2 B)): your SNRs are too large by sqrt(2)":
+                pick(lambda B: delta * math.sqrt(d / B)),
         }, lambda a, b: a == b,
             f"wrong block size for delta={delta}, d={d}: the largest B with delta sqrt(d / (2 B)) >= {min_snr}")
     passed("largest block size that still finds a lone relevant key: B <= d (delta / SNR)^2 / 2")
