@@ -42,6 +42,8 @@ from .routing import block_means, num_blocks
 
 # Gathered key/value elements the torch rung may hold at once (a chunk of query rows at a time).
 GATHER_BUDGET = 2**24
+# Key elements whose block means `append` computes at once (it makes a float32 copy of them).
+MEANS_BUDGET = 2**26
 
 
 class MobaKVCache:
@@ -60,7 +62,9 @@ class MobaKVCache:
         self.max_seqlen = check_int(max_seqlen, "max_seqlen")
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
-        self.dtype, self.device = dtype, torch.device(device if device is not None else "cpu")
+        self.dtype = dtype
+        # the device a tensor made there reports ("cuda" -> "cuda:0"), so that comparisons with inputs hold
+        self.device = torch.empty(0, device=device if device is not None else "cpu").device
         pages_per_seq = num_blocks(self.max_seqlen, self.block_size)
         n_pages = self.batch_size * pages_per_seq
         shape = (n_pages, self.block_size, self.num_kv_heads, self.head_dim)
@@ -88,20 +92,23 @@ class MobaKVCache:
         rows = torch.arange(k.shape[2])
         batch, row = (rows[None, :] < lengths[:, None]).nonzero(as_tuple=True)
         pos = self.seqlens[batch] + row
-        for b, j in sorted(set(zip(batch.tolist(), (pos // self.block_size).tolist()))):
-            if self._table[b][j] < 0:  # a new page: the next free one in the pool
-                self._table[b][j] = self._pages_used
-                self._pages_used += 1
+        for b in range(self.batch_size):   # blocks touched, in (sequence, block) order: O(B + pages) host work
+            if int(lengths[b]):
+                for j in range(int(self.seqlens[b]) // self.block_size, int(new_end[b] - 1) // self.block_size + 1):
+                    if self._table[b][j] < 0:  # a new page: the next free one in the pool
+                        self._table[b][j] = self._pages_used
+                        self._pages_used += 1
         self.page_table.copy_(torch.tensor(self._table, dtype=torch.int32))
         table = torch.tensor(self._table, dtype=torch.int64)
         page, slot = table[batch, pos // self.block_size].to(self.device), (pos % self.block_size).to(self.device)
         bd, rd = batch.to(self.device), row.to(self.device)
         self.k_pages[page, slot] = k.detach()[bd, :, rd]   # [n, Hkv, D] rows
         self.v_pages[page, slot] = v.detach()[bd, :, rd]
-        full = [table[b, j] for b in range(self.batch_size)
-                for j in range(int(self.seqlens[b]) // self.block_size, int(new_end[b]) // self.block_size)]
-        if full:  # the float32 mean of each page that just filled, once (routing.block_means)
-            pages = torch.stack(full).to(self.device)
+        full = torch.cat([table[b, int(self.seqlens[b]) // self.block_size:int(new_end[b]) // self.block_size]
+                          for b in range(self.batch_size)])
+        per_chunk = max(1, MEANS_BUDGET // (self.block_size * self.num_kv_heads * self.head_dim))
+        for chunk in full.split(per_chunk):  # the float32 mean of each page that just filled, once
+            pages = chunk.to(self.device)
             self.means[pages] = block_means(self.k_pages[pages].transpose(1, 2), self.block_size)[:, :, 0]
         self.seqlens = new_end
 

@@ -10,11 +10,12 @@ Layout (after flash-linear-attention's benchmarks/ops registry + runner, and one
 - explorer.py      suite explorer: one slider update of the routing dashboard
 - gpu_forward.py   suites dense_sdpa, moba_fwd, moba_fwd_tiles: the Triton forward against SDPA
 - gpu_backward.py  suites moba_fwd_bwd, bwd_tiles: forward + backward against SDPA
+- decode.py        suite decode: one decoded token, Triton MoBA decode against SDPA decode, and its bytes
 - plots.py         drawing helpers of the suites' figures
 - suites.py        imports every suite module (registering it) and re-plots them all (`plot_all`)
 - __main__.py      the runner
 
 Suite modules import the harness (and floors); suites.py imports the suite modules; the runner and
-`moba_edu.figures` import suites.py. A decode suite is one more module listed in suites.py.
+`moba_edu.figures` import suites.py.
 Importing this package alone imports nothing else.
 """

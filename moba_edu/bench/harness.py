@@ -31,7 +31,7 @@ from ..environment import triton_version
 BENCH_DIR = Path(__file__).resolve().parents[2] / "figures" / "bench"
 DEVICE_DIRS = {"cpu": "cpu", "gpu": "h200"}
 GIB = 2**30
-GPU_HEAD_DIM = 128   # every GPU suite: B = 1, head dim 128, bf16
+GPU_HEAD_DIM = 128   # every GPU suite: head dim 128, bf16 (B = 1 but in `decode`)
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,15 @@ def suites(device: str) -> list[Suite]:
     return [suite for suite in SUITES.values() if suite.device == device]
 
 
-_TAGS = (("S", "S{}"), ("block_size", "bs{}"), ("top_k", "k{}"), ("heads", "h{}x{}"), ("tile", "m{}n{}w{}s{}"))
+_TAGS = (("S", "S{}"), ("block_size", "bs{}"), ("top_k", "k{}"), ("heads", "h{}x{}"), ("B", "B{}"),
+         ("tile", "m{}n{}w{}s{}"))
 
 
 def point_name(what: str | None = None, **params) -> str:
     """A point's name: an optional leading word (an impl, a control), then the parameters, tagged, in a
-    fixed order: S{S}, bs{block_size}, k{top_k}, h{Hq}x{Hkv} (heads), m{BLOCK_M}n{BLOCK_N}w{warps}s{stages}
-    (tile). point_name(S=8192, block_size=512, top_k=3, heads=(16, 16)) == "S8192-bs512-k3-h16x16"."""
+    fixed order: S{S}, bs{block_size}, k{top_k}, h{Hq}x{Hkv} (heads), B{B} (batch size; suites of B = 1 leave it out),
+    m{BLOCK_M}n{BLOCK_N}w{warps}s{stages} (tile).
+    point_name(S=8192, block_size=512, top_k=3, heads=(16, 16)) == "S8192-bs512-k3-h16x16"."""
     unknown = set(params) - {tag for tag, _ in _TAGS}
     if unknown:
         raise ValueError(f"point_name: unknown parameters {sorted(unknown)}; known: {[tag for tag, _ in _TAGS]}")

@@ -156,12 +156,14 @@ def _merge_kernel(po_ptr, plse_ptr, len_ptr, o_ptr, lse_ptr, Hq, S, R,
 
 def _prepare(q, cache, start, lengths):
     """The kernels' operands: q and the pages in float32 under the interpreter for bfloat16 (its bf16
-    arithmetic is wrong), q's last dim contiguous; start and lengths as int32 on q's device."""
+    arithmetic is wrong), q's last dim contiguous; start and lengths (host) as int32 on q's device."""
     k_pages, v_pages = cache.k_pages, cache.v_pages
     if INTERPRET and q.dtype == torch.bfloat16:
         q, k_pages, v_pages = q.float(), k_pages.float(), v_pages.float()
     q = q if q.stride(-1) == 1 else q.contiguous()
-    start_d, len_d = (x.to(q.device, torch.int32) for x in (start, lengths))
+    # non_blocking: a host-to-device copy from pageable memory is staged at once, so it is safe, and it
+    # does not wait for the GPU: a decoding step then never synchronises with it (host work overlaps)
+    start_d, len_d = (x.to(torch.int32).to(q.device, non_blocking=True) for x in (start, lengths))
     return q, k_pages, v_pages, start_d, len_d
 
 
