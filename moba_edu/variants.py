@@ -54,20 +54,23 @@ def _check(q, k, block_size, top_k, caller):
 
 
 def causal_key_conv(k: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Short causal depthwise convolution along the sequence, in float32.
+    """Short causal depthwise convolution along the sequence (differentiable in k and weight).
 
-    k: [B, H, S, D]; weight: [W] (every head) or [H, W], tap W - 1 on the current key:
-    out_s = sum_i weight[i] * k_{s - (W - 1) + i}, keys before position 0 taken as zero. Output
-    float32 [B, H, S, D]; key s of the output reads keys <= s only.
+    k: [B, H, S, D]; weight: [W] (every channel), [H, W] (per head) or [H, D, W] (per channel), tap
+    W - 1 on the current key: out_s = sum_i weight[i] * k_{s - (W - 1) + i}, keys before position 0
+    taken as zero. Output [B, H, S, D] in float32 (float64 for float64 k); key s of the output reads
+    keys <= s only.
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):
-        raise ValueError(f"weight must be a tensor [W] or [H, W], got {getattr(weight, 'shape', weight)!r}")
-    if weight.dim() == 2 and weight.shape[0] != k.shape[1]:
-        raise ValueError(f"weight [H, W] must have H = {k.shape[1]} key heads, got {tuple(weight.shape)}")
-    w = weight.float().to(k.device).reshape(-1, weight.shape[-1])[None, :, :, None, None]  # [1, H|1, W, 1, 1]
-    W = weight.shape[-1]
-    S = k.shape[2]
-    padded = torch.nn.functional.pad(k.detach().float(), (0, 0, W - 1, 0))  # W - 1 zero keys in front
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2, 3):
+        raise ValueError(f"weight must be a tensor [W], [H, W] or [H, D, W], got {getattr(weight, 'shape', weight)!r}")
+    if weight.dim() >= 2 and weight.shape[0] != k.shape[1] or weight.dim() == 3 and weight.shape[1] != k.shape[3]:
+        raise ValueError(f"weight [H, W] or [H, D, W] must match k's H = {k.shape[1]} heads and D = {k.shape[3]}, "
+                         f"got {tuple(weight.shape)}")
+    compute = torch.float64 if k.dtype == torch.float64 else torch.float32
+    W, S = weight.shape[-1], k.shape[2]
+    w = weight.to(k.device, compute).reshape(-1, weight.shape[1] if weight.dim() == 3 else 1, W)  # [H|1, D|1, W]
+    w = w.permute(0, 2, 1)[None, :, :, None, :]                                                   # [1, H|1, W, 1, D|1]
+    padded = torch.nn.functional.pad(k.to(compute), (0, 0, W - 1, 0))  # W - 1 zero keys in front
     shifted = torch.stack([padded[:, :, i:i + S] for i in range(W)], dim=2)  # [B, H, W, S, D]
     return (w * shifted).sum(dim=2)
 

@@ -242,3 +242,47 @@ def test_indexer_learns_full_attention_and_routes_by_its_scores():
         scores = indexer(q, k).double()
     for h in range(2):
         assert_top_k(idx[0, h], scores[0, h], 1, 6)
+
+
+def test_causal_key_conv_matches_a_loop_and_is_differentiable():
+    gen = torch.Generator().manual_seed(4)
+    k = torch.randn(1, 2, 9, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)  # per channel
+    out = V.causal_key_conv(k, weight)
+    for h in range(2):
+        for d in range(3):
+            ref = conv64(k[0, h, :, d:d + 1].detach(), weight[h, d].detach())[:, 0]
+            assert rel_err(out[0, h, :, d], ref) < 1e-12
+    assert torch.autograd.gradcheck(lambda a, b: V.causal_key_conv(a, b), (k, weight))
+
+
+def test_model_key_conv_starts_as_the_plain_model_and_stays_causal():
+    """ModelConfig(key_conv=3): identity-initialised, so the untrained model equals the one without it;
+    after perturbing the kernel, the logits at t still ignore tokens after t."""
+    from moba_edu.model import Model, ModelConfig
+    tokens = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
+    make = lambda conv: Model(ModelConfig(block_size=8, top_k=2, impl="torch", key_conv=conv))  # noqa: E731
+    torch.manual_seed(0)
+    plain = make(0)
+    torch.manual_seed(0)
+    conv = make(3)
+    assert rel_err(conv(tokens), plain(tokens)) < 1e-5
+    with torch.no_grad():
+        for block in conv.blocks:
+            block.attn.kconv.add_(0.3 * torch.randn(block.attn.kconv.shape))
+    changed = tokens.clone()
+    changed[0, 30:] = (changed[0, 30:] + 1) % 256
+    assert rel_err(conv(changed)[0, :30], conv(tokens)[0, :30]) < 1e-6
+    assert rel_err(conv(changed)[0, 30:], conv(tokens)[0, 30:]) > 1e-3
+
+
+def test_train_cli_overrides_block_top_k_and_key_conv(tmp_path):
+    import json
+
+    from moba_edu.train import main
+    main(["--config", "tiny", "--steps", "2", "--batch", "2", "--block-size", "16", "--top-k", "4", "--key-conv", "3",
+          "--no-ckpt", "--no-progress", "--out", str(tmp_path)])
+    log = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert log["config"]["name"] == "tiny-moba-b16-k4-conv3"
+    model = log["config"]["model"]
+    assert (model["block_size"], model["top_k"], model["key_conv"]) == (16, 4, 3)
