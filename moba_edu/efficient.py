@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks.grading import exercise
+from .inputs import check_int, check_scale, check_tensors
 from .routing import route_indices
 
 def tile_rows(block_size: int) -> int:
@@ -181,8 +182,46 @@ def _global_routed(indices: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
 def moba_attention(q, k, v, block_size: int, top_k: int, scale: float):
     """Efficient MoBA. q: [B, Hq, S, D], k, v: [B, Hkv, S, D] -> o [B, Hq, S, D] (q's dtype),
     lse [B, Hq, S] (float32; float64 for float64 inputs)."""
+    return attend_indices(q, k, v, route_indices(q, k, block_size=block_size, top_k=top_k), block_size, scale)
+
+
+def check_indices(indices: torch.Tensor, q: torch.Tensor, block_size: int) -> None:
+    """A routing any router may hand to `attention_given_routing`: int64 [B, Hq, S, K] (K >= 1) with
+    the own block t // block_size in column 0 and, after it, distinct blocks wholly before the own
+    block (-1 = none). A future, repeated or own block among the routed ones raises ValueError."""
+    B, Hq, S, _ = q.shape
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
+        raise TypeError(f"indices must be an int64 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
+    if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, Hq, S) or (S and indices.shape[3] < 1):
+        raise ValueError(f"indices must have shape [B, Hq, S, K] = [{B}, {Hq}, {S}, K >= 1], "
+                         f"got {tuple(indices.shape)}")
+    own = torch.arange(S, device=q.device) // block_size
+    if S and not (indices[..., 0] == own).all():
+        raise ValueError("indices[..., 0] must be each query's own block t // block_size")
+    routed = indices[..., 1:]
+    if ((routed < -1) | (routed >= own[:, None])).any():
+        raise ValueError("indices may route only to blocks wholly before the own block (j < t // block_size) or -1")
+    ordered = routed.sort(dim=-1).values
+    if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any():
+        raise ValueError("indices must not route a query to the same block twice")
+
+
+def attention_given_routing(q, k, v, indices, block_size: int, scale=None):
+    """Exact attention over the blocks a router chose: any router's `Routing.indices` form.
+
+    q: [B, Hq, S, D], k, v: [B, Hkv, S, D], indices: int64 [B, Hq, S, K] (see `check_indices`)
+    -> o [B, Hq, S, D] (q's dtype), lse [B, Hq, S]. scale defaults to 1/sqrt(D). With MoBA's own
+    routing this is `moba_attention`; `moba_edu.variants` feeds it other routers' choices.
+    """
+    check_tensors(q, k, v, rank=4, layout="[B,H,S,D]", caller="attention_given_routing")
+    block_size = check_int(block_size, "block_size")
+    check_indices(indices, q, block_size)
+    return attend_indices(q, k, v, indices, block_size, check_scale(scale, q.shape[-1]))
+
+
+def attend_indices(q, k, v, indices, block_size: int, scale: float):
+    """`attend` on a batch [B, H, S, D] given valid indices [B, Hq, S, K]: o [B, Hq, S, D], lse [B, Hq, S]."""
     B, Hq, S, D = q.shape
-    indices = route_indices(q, k, block_size=block_size, top_k=top_k)
     table = BlockTable.build(torch.arange(B + 1, device=q.device) * S, S, block_size)
     routed = _global_routed(indices, table.first)
     routed = routed.transpose(1, 2).reshape(B * S, Hq, routed.shape[-1])  # [T, Hq, R]

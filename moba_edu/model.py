@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .api import moba_attention
 from .checks.grading import exercise
+from .variants import causal_key_conv
 
 KINDS = ("full", "moba")
 
@@ -47,6 +48,7 @@ class ModelConfig:
     top_k: int = 3                # MoBA blocks per query, own block included
     rope_base: float = 10000.0
     impl: str = "auto"            # MoBA rung
+    key_conv: int = 0             # kernel size of a causal depthwise convolution over the keys (0: none)
     mlp_mult: int = 4
 
     def __post_init__(self):
@@ -85,6 +87,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.keep_qk = False      # set by the trainer to measure router recall on this layer
+        if cfg.key_conv:          # FlashMoBA's key convolution, one kernel per channel, initialised to identity
+            self.kconv = nn.Parameter(F.one_hot(torch.full((cfg.n_kv_head, self.head_dim), cfg.key_conv - 1),
+                                                cfg.key_conv).float())
         self.last_qk = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -93,6 +98,8 @@ class Attention(nn.Module):
         q = q.view(B, S, self.cfg.n_head, self.head_dim).transpose(1, 2)       # [B, Hq, S, Dh]
         k = k.view(B, S, self.cfg.n_kv_head, self.head_dim).transpose(1, 2)    # [B, Hkv, S, Dh]
         v = v.view(B, S, self.cfg.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.cfg.key_conv:     # keys mix in their key_conv - 1 predecessors (causal), for routing and attention
+            k = causal_key_conv(k, self.kconv).to(v.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # MoBA routes on the rotated q and k
         if self.keep_qk:
             self.last_qk = (q.detach(), k.detach())

@@ -313,6 +313,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="override the config's steps")
     parser.add_argument("--batch", type=int, help="override the global batch (rows per step over all ranks)")
     parser.add_argument("--seed", type=int, help="override the seed")
+    parser.add_argument("--block-size", type=int, help="override MoBA's block size")
+    parser.add_argument("--top-k", type=int, help="override MoBA's top_k (own block included)")
+    parser.add_argument("--key-conv", type=int, help="kernel size of a causal key convolution (FlashMoBA; 0: none)")
     parser.add_argument("--switch-at", type=float, help="fraction of steps before a *-then-* switch (default 0.9)")
     parser.add_argument("--out", default="figures/train", help="log folder (default figures/train: committed runs only)")
     parser.add_argument("--ckpt-dir", default="checkpoints", help="checkpoint folder (default checkpoints/)")
@@ -326,6 +329,12 @@ def main(argv=None) -> None:
     overrides = {key: value for key, value in [("steps", args.steps), ("batch", args.batch), ("seed", args.seed),
                                                 ("switch_at", args.switch_at)] if value is not None}
     cfg = make_config(args.config, args.attn, **overrides)
+    for field, value in [("block_size", args.block_size), ("top_k", args.top_k), ("key_conv", args.key_conv)]:
+        if value is not None:
+            setattr(cfg.model, field, value)
+    if (args.block_size, args.top_k, args.key_conv) != (None, None, None):
+        conv = f"-conv{cfg.model.key_conv}" if cfg.model.key_conv else ""
+        cfg.name += f"-b{cfg.model.block_size}-k{cfg.model.top_k}{conv}"
     try:
         if args.throughput:
             result = throughput(cfg, args.out, command=command)
