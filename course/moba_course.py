@@ -25,7 +25,7 @@ NOTEBOOKS = COURSE.parent / "notebooks"
 # (Triton's CPU interpreter) or a GPU; on macOS and Windows students read their stored outputs (or use
 # WSL2). A new notebook goes into one assignment here (10, beyond MoBA: append "10" to A4), with its
 # points in docs/teaching.md; tests/test_student_versions.py fails until every notebook is listed.
-ASSIGNMENTS = {"A1": ("00", "01", "02"), "A2": ("03", "04"), "A3": ("05", "06", "07"), "A4": ("08", "09")}
+ASSIGNMENTS = {"A1": ("00", "01", "02"), "A2": ("03", "04"), "A3": ("05", "06", "07"), "A4": ("08", "09", "10")}
 
 
 def notebooks(assignment: str, notebook_dir: Path = NOTEBOOKS) -> list[Path]:

@@ -41,6 +41,7 @@ from .checks.grading import exercise
 from .inputs import check_int, check_scale, check_tensors
 from .routing import route_indices
 
+
 def tile_rows(block_size: int) -> int:
     """Rows (queries) per routed tile: as many as a block has keys, at least 16. A tile's scores are
     [rows, block_size]; each (block, head) wastes under one tile of padding, so the padding costs at

@@ -97,26 +97,30 @@ def check_tile_max(kernel) -> None:
 
     Runs on the GPU when there is one, else under the interpreter, on guarded buffers (`sandbox`): a
     load or store out of bounds is named, never a crash."""
+    for n, block in [(37, 16), (48, 16), (5, 8)]:
+        tile_max_case(kernel, n, block, torch.Generator().manual_seed(n))
+    passed("tile maxima right, ragged tail masked with -inf, nothing read or written out of bounds")
+
+
+def tile_max_case(kernel, n: int, block: int, gen: torch.Generator) -> None:
+    """Run the student's tile-max kernel once on guarded buffers (x [n], BLOCK=block); raise `Mistake`."""
     from . import sandbox
 
     sentinel = 1000.0
-    for n, block in [(37, 16), (48, 16), (5, 8)]:
-        tiles = -(-n // block)
-        gen = torch.Generator().manual_seed(n)
-        x, _ = sandbox.guarded((n,), torch.float32, sandbox.device(), fill=sentinel)  # past x: sentinels
-        x.copy_(-1 - torch.rand(n, generator=gen))       # all negative: a padding 0 would win the max
-        out, check_guards = sandbox.guarded((tiles,), torch.float32, sandbox.device())
-        sandbox.run(lambda: kernel[(tiles,)](x, out, n, BLOCK=block), _TILE_MAX_HINTS, "tile_max_kernel")
-        check_guards(_TILE_MAX_HINTS["store"])
-        out, x = out.cpu(), x.cpu()
-        right = torch.stack([x[i * block:(i + 1) * block].max() for i in range(tiles)])
-        unwritten = out.isnan().nonzero().flatten().tolist()
-        expect(not unwritten, f"tiles {unwritten} were not written: each program stores its max at out_ptr + pid")
-        expect(not bool((out == sentinel).any()), _TILE_MAX_HINTS["load"])
-        expect(not bool((out == 0).any()), "masked lanes were filled with 0 (tl.load's default `other`): a max "
-               "needs other=-float('inf') so that padding never wins")
-        expect(not (tiles > 1 and torch.equal(out, right[:1].expand(tiles))),
-               "every program read the first tile: offsets start at pid * BLOCK")
-        expect(torch.equal(out, right), f"n={n}, BLOCK={block}: tile maxima differ from x's; offsets should be "
-               "pid * BLOCK + tl.arange(0, BLOCK)")
-    passed("tile maxima right, ragged tail masked with -inf, nothing read or written out of bounds")
+    tiles = -(-n // block)
+    x, _ = sandbox.guarded((n,), torch.float32, sandbox.device(), fill=sentinel)  # past x: sentinels
+    x.copy_(-1 - torch.rand(n, generator=gen))       # all negative: a padding 0 would win the max
+    out, check_guards = sandbox.guarded((tiles,), torch.float32, sandbox.device())
+    sandbox.run(lambda: kernel[(tiles,)](x, out, n, BLOCK=block), _TILE_MAX_HINTS, "tile_max_kernel")
+    check_guards(_TILE_MAX_HINTS["store"])
+    out, x = out.cpu(), x.cpu()
+    right = torch.stack([x[i * block:(i + 1) * block].max() for i in range(tiles)])
+    unwritten = out.isnan().nonzero().flatten().tolist()
+    expect(not unwritten, f"tiles {unwritten} were not written: each program stores its max at out_ptr + pid")
+    expect(not bool((out == sentinel).any()), _TILE_MAX_HINTS["load"])
+    expect(not bool((out == 0).any()), "masked lanes were filled with 0 (tl.load's default `other`): a max "
+           "needs other=-float('inf') so that padding never wins")
+    expect(not (tiles > 1 and torch.equal(out, right[:1].expand(tiles))),
+           "every program read the first tile: offsets start at pid * BLOCK")
+    expect(torch.equal(out, right), f"n={n}, BLOCK={block}: tile maxima differ from x's; offsets should be "
+           "pid * BLOCK + tl.arange(0, BLOCK)")
