@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks.grading import exercise
-from .quality import recall_curve
+from .quality import attention_probs, recall_curve, token_recall
 
 
 def token_losses(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -56,10 +56,17 @@ def capture_qk(model, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Te
 def router_recall(model, tokens: torch.Tensor, block_size: int, top_k: int) -> list[float]:
     """Per layer, the attention mass MoBA's router keeps over what the oracle keeps with the same top_k
     (1 = as good as the oracle), on tokens [B, S]. A full-attention layer is scored on what the
-    router would choose there. Mean over the queries from block top_k on, the first that have more
-    eligible blocks than they may route to (earlier queries keep everything); all queries when top_k
-    covers every block (then the recall is 1)."""
+    router would choose there; a "dsa" layer on its indexer's block_size * top_k tokens against the
+    token oracle (`quality.token_recall`). Mean over the queries from block top_k on, the first that
+    have more eligible blocks than they may route to (earlier queries keep everything); all queries when
+    top_k covers every block (then the recall is 1)."""
     first = top_k * block_size if top_k * block_size < tokens.shape[-1] else 0
-    curves = [recall_curve(q, k, block_size, queries=slice(first, None))
-              for q, k in capture_qk(model, tokens)]
-    return [curve.recall[min(top_k, len(curve.recall)) - 1] for curve in curves]
+    recalls = []
+    for block, (q, k) in zip(model.blocks, capture_qk(model, tokens)):
+        if block.attn.kind == "dsa":
+            scores = block.attn.indexer(q, k)
+            recalls.append(token_recall(attention_probs(q, k), scores, block_size * top_k, slice(first, None)))
+        else:
+            curve = recall_curve(q, k, block_size, queries=slice(first, None))
+            recalls.append(curve.recall[min(top_k, len(curve.recall)) - 1])
+    return recalls

@@ -1,6 +1,7 @@
 """A small decoder-only transformer (in the spirit of Karpathy's nanoGPT) whose attention is chosen per
-layer: "full" (causal SDPA) or "moba" (`moba_edu.moba_attention`; impl="auto" takes the Triton kernels
-on a GPU and the torch rung on a CPU). Grouped-query heads, rotary position embeddings (RoPE, Su et
+layer: "full" (causal SDPA), "moba" (`moba_edu.moba_attention`; impl="auto" takes the Triton kernels
+on a GPU and the torch rung on a CPU) or "dsa" (token-level top-k by a learned lightning indexer, as in
+DeepSeek-V3.2's sparse attention, at the same number of attended keys as MoBA, block_size * top_k). Grouped-query heads, rotary position embeddings (RoPE, Su et
 al., 2021), RMSNorm, a SwiGLU MLP, tied input/output embeddings. Contract: docs/design.md §2b.
 
 A hybrid model, MoBA in every layer but the last `L` (as the MoBA paper trains), is one line:
@@ -22,9 +23,11 @@ import torch.nn.functional as F
 
 from .api import moba_attention
 from .checks.grading import exercise
-from .variants import causal_key_conv
+from .quality import attention_probs
+from .routing import indices_to_mask
+from .variants import LightningIndexer, causal_key_conv, indexer_loss, select
 
-KINDS = ("full", "moba")
+KINDS = ("full", "moba", "dsa")
 
 
 @exercise("nb08.check_hybrid_pattern")
@@ -50,10 +53,14 @@ class ModelConfig:
     impl: str = "auto"            # MoBA rung
     key_conv: int = 0             # kernel size of a causal depthwise convolution over the keys (0: none)
     mlp_mult: int = 4
+    index_heads: int | None = None  # lightning indexer heads per layer (None: 4 with a "dsa" layer, else 0)
+    index_dim: int = 16             # dimensions per indexer head
 
     def __post_init__(self):
         self.layers = tuple(self.layers)
         check_layers(self.layers)
+        if self.index_heads is None:
+            self.index_heads = 4 if "dsa" in self.layers else 0
         if self.d_model % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_head: d_model ({self.d_model}) must divide by n_head ({self.n_head}) "
                              f"and n_head by n_kv_head ({self.n_kv_head})")
@@ -79,7 +86,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, kind: str):
+    def __init__(self, cfg: ModelConfig, kind: str, layer: int = 0):
         super().__init__()
         self.cfg, self.kind = cfg, kind
         self.head_dim = cfg.d_model // cfg.n_head
@@ -90,7 +97,10 @@ class Attention(nn.Module):
         if cfg.key_conv:          # FlashMoBA's key convolution, one kernel per channel, initialised to identity
             self.kconv = nn.Parameter(F.one_hot(torch.full((cfg.n_kv_head, self.head_dim), cfg.key_conv - 1),
                                                 cfg.key_conv).float())
+        if cfg.index_heads:       # in every layer, so that set_layers can switch any layer to "dsa"
+            self.indexer = LightningIndexer(self.head_dim, heads=cfg.index_heads, dim=cfg.index_dim, seed=layer)
         self.last_qk = None
+        self.index_loss = None    # the indexer's KL to full attention, set by a training forward
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
@@ -103,21 +113,40 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # MoBA routes on the rotated q and k
         if self.keep_qk:
             self.last_qk = (q.detach(), k.detach())
+        fit = self.training and hasattr(self, "indexer")  # also under "full": DSA's dense warm-up
+        self.index_loss = self.fit_indexer(q[:1].detach(), k[:1].detach()) if fit else None
         if self.kind == "full":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif self.kind == "dsa":
+            g = self.cfg.n_head // self.cfg.n_kv_head   # heads repeated: masked SDPA keeps its fused kernels
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                               attn_mask=self.chosen_tokens(q, k))
         else:
             o = moba_attention(q, k, v, block_size=self.cfg.block_size, top_k=self.cfg.top_k, impl=self.cfg.impl)
         return self.out(o.transpose(1, 2).reshape(B, S, -1))
+
+    def chosen_tokens(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The keys a "dsa" layer attends: bool [B, Hq, S, S], each query's own token plus the
+        block_size * top_k - 1 earlier tokens the indexer scores highest (all earlier ones while fewer)."""
+        with torch.no_grad():
+            scores = self.indexer(q, k)
+        return indices_to_mask(select(scores, 1, self.cfg.block_size * self.cfg.top_k), q.shape[-2])
+
+    def fit_indexer(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The indexer's loss on detached q [b, Hq, S, Dh], k [b, Hkv, S, Dh]: KL from the layer's full causal
+        attention to the indexer's softmax (`variants.indexer_loss`); its gradient reaches the indexer only."""
+        with torch.autocast(q.device.type, enabled=False):
+            return indexer_loss(self.indexer(q.float(), k.float()), attention_probs(q, k))
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, kind: str):
+    def __init__(self, cfg: ModelConfig, kind: str, layer: int = 0):
         super().__init__()
         hidden = cfg.mlp_mult * cfg.d_model * 2 // 3  # SwiGLU: about as many weights as a 4x GELU MLP
         self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg, kind)
+        self.attn = Attention(cfg, kind, layer)
         self.gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.d_model, bias=False)
 
@@ -132,7 +161,7 @@ class Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layers)
+        self.blocks = nn.ModuleList(Block(cfg, kind, i) for i, kind in enumerate(cfg.layers))
         self.norm = nn.RMSNorm(cfg.d_model)
         self.apply(self._init)
 
@@ -146,11 +175,14 @@ class Model(nn.Module):
         return tuple(block.attn.kind for block in self.blocks)
 
     def set_layers(self, layers) -> None:
-        """Give layer i the attention layers[i] ("full" or "moba"); the weights stay as they are."""
+        """Give layer i the attention layers[i] (one of KINDS); the weights stay as they are. "dsa" needs
+        the indexers of a model built with index_heads > 0 (the default when a layer is "dsa")."""
         layers = tuple(layers)
         check_layers(layers)
         if len(layers) != len(self.blocks):
             raise ValueError(f"layers: expected {len(self.blocks)} kinds, got {len(layers)}")
+        if "dsa" in layers and not self.cfg.index_heads:
+            raise ValueError("layers: 'dsa' needs a lightning indexer per layer: build with ModelConfig(index_heads=4)")
         for block, kind in zip(self.blocks, layers):
             block.attn.kind = kind
 
@@ -164,3 +196,8 @@ class Model(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin)
         return F.linear(self.norm(x), self.embed.weight).float()  # tied output embedding
+
+    def index_loss(self) -> torch.Tensor | None:
+        """The sum of the indexers' losses of the last training forward (None without indexers)."""
+        losses = [block.attn.index_loss for block in self.blocks if block.attn.index_loss is not None]
+        return sum(losses) if losses else None

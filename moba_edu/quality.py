@@ -93,3 +93,19 @@ def recall_curve(q: torch.Tensor, k: torch.Tensor, block_size: int, queries=slic
     # a query whose best blocks hold no mass at all (float32 underflow) was served as well as possible
     recall = torch.where(oracle > 0, router / oracle, 1.0)
     return RecallCurve(top_k=list(range(1, N + 1)), router=mean(router), oracle=mean(oracle), recall=mean(recall))
+
+
+def token_recall(probs: torch.Tensor, index_scores: torch.Tensor, n_tokens: int, queries=slice(None)) -> float:
+    """A token-level router (a learned indexer, DSA-style) against the token oracle, at n_tokens per query.
+
+    probs: full causal attention [B, Hq, S, S]; index_scores [B, Hq, S, S] (any values; only their order
+    among the keys before each query counts). Both choices keep the query's own token plus the
+    n_tokens - 1 best earlier ones, the router by its scores and the oracle by the true attention
+    (blocks of one key). Returns the mean over `queries` (positions), batch and heads of router mass /
+    oracle mass: 1 when the indexer chose as well as the oracle.
+    """
+    S = probs.shape[-1]
+    gates = index_scores.float().masked_fill(~eligible(S, 1, probs.device), float("-inf"))
+    router = _kept_by_top_k(probs, select_blocks(gates, 1, n_tokens))[..., -1]
+    oracle = _kept_by_top_k(probs, oracle_order(probs, 1, n_tokens))[..., -1]
+    return torch.where(oracle > 0, router / oracle, 1.0)[:, :, queries].mean().item()

@@ -79,13 +79,15 @@ def _h200_32k():
 
 
 CONFIGS = {"tiny": _tiny, "h200": _h200, "h200-32k": _h200_32k}
-ATTNS = ("full", "moba", "hybrid", "moba-then-full", "full-then-moba")
+ATTNS = ("full", "moba", "hybrid", "moba-then-full", "full-then-moba", "dsa", "full-then-dsa")
 
 
 def make_config(name: str, attn: str = "moba", **overrides) -> TrainConfig:
     """A named config with its layers set by `attn`: all full, all MoBA, a hybrid (MoBA but the last
-    `hybrid_last` layers), or a switch after 90% of the steps (MoBA then full, as the MoBA paper
-    trains, or the reverse). `overrides` replace TrainConfig fields."""
+    `hybrid_last` layers), all "dsa" (a learned token indexer at MoBA's attended keys), or a switch
+    after 90% of the steps (MoBA then full, as the MoBA paper trains, or the reverse; full then dsa
+    is DSA's dense warm-up of the indexer, best with an early --switch-at). `overrides` replace
+    TrainConfig fields."""
     if name not in CONFIGS:
         raise ValueError(f"config: expected one of {sorted(CONFIGS)}, got {name!r}")
     if attn not in ATTNS:
@@ -93,10 +95,13 @@ def make_config(name: str, attn: str = "moba", **overrides) -> TrainConfig:
     cfg = dataclasses.replace(CONFIGS[name](), **overrides)
     n = len(cfg.model.layers)
     first, then = attn.split("-then-") if "-then-" in attn else (attn, None)
-    layers = {"full": ("full",) * n, "moba": ("moba",) * n, "hybrid": hybrid_pattern(n, cfg.hybrid_last)}
+    layers = {"full": ("full",) * n, "moba": ("moba",) * n, "hybrid": hybrid_pattern(n, cfg.hybrid_last),
+              "dsa": ("dsa",) * n}
     cfg.model.layers = layers[first]
     if then is not None:
         cfg.switch_at, cfg.switch_layers = cfg.switch_at or 0.9, layers[then]
+    if "dsa" in attn:
+        cfg.model.index_heads = cfg.model.index_heads or 4
     cfg.name = f"{cfg.name}-{attn}"
     return cfg
 
@@ -195,12 +200,14 @@ def _env(device, world: int, command: str | None) -> dict:
 
 
 def train_step(model, opt, cfg: TrainConfig, tokens: torch.Tensor, step: int, world: int) -> float:
-    """One optimizer step on this rank's rows tokens [b, seq_len + 1]; returns the loss averaged over ranks."""
+    """One optimizer step on this rank's rows tokens [b, seq_len + 1]; returns the language-model loss
+    averaged over ranks. Indexers ("dsa" models) add their loss, whose gradient reaches them only."""
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, step)
     with _autocast(tokens.device):
         loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
-    loss.backward()
+    index_loss = model.index_loss()
+    (loss if index_loss is None else loss + index_loss).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -233,6 +240,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, ckpt_dir: str | Pa
         start = time.perf_counter()
         loss = train_step(model, opt, cfg, train_batch(cfg, gen)[rank::world].to(device), step, world)
         log["history"].append({"step": step, "loss": loss, "lr": lr_at(cfg, step)})
+        if (index_loss := model.index_loss()) is not None:   # the indexers' KL to full attention (rank 0's rows)
+            log["history"][-1]["index_loss"] = index_loss.item()
         train_seconds += time.perf_counter() - start
         tick(step, log["history"][-1]["loss"])
     if cfg.eval_every:
@@ -263,7 +272,8 @@ def save_checkpoint(model, opt, cfg: TrainConfig, path: Path, rank: int) -> None
 # The tiny MoBA run committed with the repository, which the trained-model routing explorer reads (in a
 # checkout; a wheel does not ship it), made by
 #     python -m moba_edu.train --config tiny --attn moba --out figures/train --ckpt-dir figures/train
-TINY_CHECKPOINT = Path(__file__).resolve().parent.parent / "figures" / "train" / "tiny-moba.pt"
+RUNS = Path(__file__).resolve().parent.parent / "figures" / "train"   # the committed runs, in a checkout
+TINY_CHECKPOINT = RUNS / "tiny-moba.pt"
 
 
 def load_model(path: str | Path, device="cpu") -> Model:

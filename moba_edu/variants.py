@@ -14,7 +14,8 @@ block lies wholly before the query's own block, and its representative uses no k
                  kernels and FlexAttention's block masks need: one key block list per query tile).
 - `indexer_indices` with `LightningIndexer`: token-level top-k by a small learned scorer trained
                  against full attention with a KL loss (DeepSeek-V3.2's sparse attention, DSA).
-                 Token level is block_size = 1 in the same form.
+                 Token level is block_size = 1 in the same form. `model.py`'s "dsa" layers train
+                 one per layer with the model.
 
 Shapes: q [B, Hq, S, D], k [B, Hkv, S, D], g = Hq // Hkv; N = ceil(S / block_size).
 """
@@ -149,12 +150,12 @@ class LightningIndexer(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, S, D], k [B, Hkv, S, D] -> index scores float32 [B, Hq, S, S] (not causally masked)."""
-        k = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        *lead, S, _ = q.shape
-        qi = (q.float() @ self.wq).view(*lead, S, self.heads, self.dim)      # [B, H, S, h, d]
-        ki = k @ self.wk                                                     # [B, H, S, d]
-        dots = torch.relu(torch.einsum("bhtjd,bhsd->bhtjs", qi, ki))         # [B, H, S, h, S]
-        return torch.einsum("bhtj,bhtjs->bhts", q.float() @ self.ww, dots)
+        ki = (k.float() @ self.wk).repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-1, -2)  # [B, H, d, S]
+        qi, w = (q.float() @ self.wq).split(self.dim, dim=-1), q.float() @ self.ww   # h x [B, H, S, d]; [B, H, S, h]
+        scores = 0.0
+        for j, qj in enumerate(qi):  # one indexer head at a time: [B, H, S, S] live, not [B, H, S, h, S]
+            scores = scores + w[..., j, None] * torch.relu(qj @ ki)
+        return scores
 
 
 def indexer_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
