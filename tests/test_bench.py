@@ -27,12 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "figures" / "bench"
 PACKAGE = ROOT / "moba_edu" / "bench"
 # One naming scheme: an optional leading word, then tagged parameters, joined by "-" (no "_" separators).
-TAG = r"(?:S\d+|bs\d+|k\d+|h\d+x\d+|B\d+|m\d+n\d+w\d+s\d+)"
+TAG = r"(?:S\d+|bs\d+|k\d+|h\d+x\d+|d\d+|B\d+|m\d+n\d+w\d+s\d+)"
 POINT = re.compile(rf"(?:[a-z][a-z0-9_]*|{TAG})(?:-{TAG})*")
 EXPECTED = {"cpu": ["torch_vs_naive", "explorer"],
-            "gpu": ["ceilings", "dense_sdpa", "moba_fwd", "moba_fwd_tiles", "moba_fwd_bwd", "bwd_tiles", "decode"]}
+            "gpu": ["ceilings", "dense_sdpa", "moba_fwd", "moba_fwd_tiles", "moba_fwd_hdim", "moba_fwd_bwd",
+                    "moba_bwd_hdim", "bwd_tiles", "decode"]}
 # Registered suites whose GPU run is not committed yet (remove a name once its JSON is).
-NOT_MEASURED_YET = set()
+NOT_MEASURED_YET = {"moba_fwd_hdim", "moba_bwd_hdim"}
 
 
 def test_registry_holds_every_suite_in_run_order():
@@ -59,6 +60,7 @@ def test_point_names_follow_one_order_whatever_the_argument_order():
     assert harness.point_name("torch", S=1024) == "torch-S1024"
     assert harness.point_name(B=8, heads=(32, 8), S=32768) == "S32768-h32x8-B8"
     assert harness.point_name(S=131072, block_size=512, top_k=3, tile=(128, 64, 8, 3)) == "S131072-bs512-k3-m128n64w8s3"
+    assert harness.point_name(head_dim=256, heads=(16, 16), S=32768) == "S32768-h16x16-d256"
     assert harness.moba_point(32768, 32, 8, 512, 3) == (
         "S32768-bs512-k3-h32x8", dict(S=32768, Hq=32, Hkv=8, block_size=512, top_k=3))
     with pytest.raises(ValueError, match="unknown parameters.*seq_len"):
@@ -84,6 +86,8 @@ def test_committed_json_is_named_by_the_scheme_and_covers_each_suite():
 def test_committed_counts_agree_with_the_cost_model():
     """Every MoBA point's pair counts, as the router chose them on the GPU, against the formulas."""
     for path in sorted(BENCH.glob("h200/moba_fwd*-S*-h*.json")):
+        if "_hdim-" in path.name:   # the head-dim suites keep only the density
+            continue
         r = json.loads(path.read_text())
         S, bs, k, H = r["shape"]["S"], r["block_size"], r["top_k"], r["shape"]["Hq"]
         assert r["attended_pairs"] == r["own_pairs"] + r["routed_pairs"] == H * cost.attended_pairs(S, bs, k), path
@@ -128,6 +132,17 @@ def test_run_measures_only_the_selected_points(tmp_path, monkeypatch):
     assert calls == [2, 3] and [p.name for p in written] == ["toy-a-S2.json", "toy-a-S3.json"]
     assert [r["n"] for r in harness.read_points(tmp_path, suite)] == [2, 3]
     assert harness.run("gpu", None, tmp_path) == []
+
+
+def test_list_prints_the_selected_points_and_measures_nothing(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "moba_edu.bench", "--gpu", "--list", "--only", "*_hdim",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split()
+    assert len(lines) == 16 and "moba_fwd_hdim/S131072-bs512-k3-h16x16-d256" in lines
+    assert {line.split("/")[0] for line in lines} == {"moba_fwd_hdim", "moba_bwd_hdim"}
+    assert sorted({line.rsplit("-", 1)[1] for line in lines}) == ["d128", "d192", "d256", "d64"]
+    assert not any(tmp_path.iterdir())
 
 
 def test_wall_times_warm_up_then_repeat():

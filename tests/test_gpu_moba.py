@@ -76,6 +76,8 @@ def test_router_matches_routing(S, block_size, top_k):
     ((4096,), 4, 2, 64, 128, 8),
     ((1000, 0, 1, 2777), 4, 1, 128, 100, 4),     # packed, ragged tails, empty and length-1 sequences
     ((2048,), 2, 2, 96, 256, 20),                # top_k past the number of blocks: dense causal
+    pytest.param((1000, 0, 1, 2777), 4, 1, 200, 100, 4, id="head_dim200-packed"),   # padded to 256
+    pytest.param((4096,), 4, 2, 256, 512, 3, id="head_dim256"),
 ])
 def test_forward_matches_float64(dtype, lengths, Hq, Hkv, D, block_size, top_k):
     T = sum(lengths)
@@ -98,6 +100,23 @@ def test_long_forward_matches_torch_rung(S, Hq, Hkv, block_size, top_k):
     o_ref, lse_ref = efficient.attend(pack(q), pack(k), pack(v), table, global_routed(sched), 128 ** -0.5)
     assert rel_err(o[0].transpose(0, 1), o_ref) < 1e-2
     assert (lse[0] - lse_ref).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("D,block_size,top_k", [(192, 512, 3), (256, 128, 8)])
+def test_large_head_dim_forward_matches_torch_rung(D, block_size, top_k):
+    """Head dims past 128 (smaller tiles, launch_config): routing against routing.py, attention against
+    the float32 torch rung given the Triton routing; S = 4K, 8 query / 2 key-value heads."""
+    S, scale = 4096, D ** -0.5
+    q, k, v = random_qkv((1, 8, S, D), (1, 2, S, D), torch.bfloat16, 20)
+    assert kernels.unsupported(q, k, v) is None    # impl="auto" takes the kernels here
+    o, lse, sched = moba_forward(q, k, v, (S,), block_size, top_k, scale)
+    expected = me.route(q, k, block_size=block_size, top_k=top_k).indices[0, ..., 1:]   # [Hq, S, R]
+    assert (sched.routed.long().sort(-1).values == expected.sort(-1).values).all(-1).float().mean() > 0.999
+    pack = lambda x: x[0].transpose(0, 1).float()   # noqa: E731  [1, H, S, D] -> [S, H, D] float32
+    table = efficient.BlockTable.build(torch.tensor([0, S], device="cuda"), S, block_size)
+    o_ref, lse_ref = efficient.attend(pack(q), pack(k), pack(v), table, global_routed(sched), scale)
+    assert rel_err(o[0].transpose(0, 1), o_ref) < 1e-2
+    assert (lse - lse_ref).abs().max() < 1e-2
 
 
 def test_chunks_change_nothing_on_gpu():

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 import moba_edu as me
 from moba_edu import kernels
 from reference import assert_valid_routing, reference_moba, reference_moba_varlen
-from strategies import cases, rel_err, varlen_cases
+from strategies import LARGE_HEAD_DIMS, cases, rel_err, varlen_cases
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRET, reason="runs the kernels under the CPU interpreter")
 
@@ -94,6 +94,22 @@ def test_forward_matches_reference(case):
     torch.testing.assert_close(lse.double(), lse_ref, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=6)
+@given(case=cases(max_s=48, head_dims=LARGE_HEAD_DIMS, max_batch=1))
+def test_large_head_dims_match_reference(case):
+    """Head dims 160 to 256 (MAX_HEAD_DIM): the router's choices and the forward, padded head dims
+    included."""
+    q, k, v = case.tensors(torch.float32)
+    routed = triton_routed(as_packed(q), as_packed(k), case.block_size, case.top_k, [case.S])   # [Hq, S, R]
+    for h in range(case.Hq):
+        assert_valid_routing(routed[h], q[0, h], k[0, h // (case.Hq // case.Hkv)], case.block_size, case.top_k)
+    o, lse = me.moba_attention(q, k, v, block_size=case.block_size, top_k=case.top_k, impl="triton",
+                               return_lse=True)
+    o_ref, lse_ref = reference_moba(q, k, v, case.block_size, case.top_k)
+    assert rel_err(o, o_ref) < 1e-5
+    torch.testing.assert_close(lse.double(), lse_ref, atol=1e-5, rtol=1e-5)
+
+
 @FEW
 @given(case=varlen_cases(max_len=40, head_dims=(8, 16)))
 def test_varlen_matches_reference(case):
@@ -156,10 +172,11 @@ def test_unsupported_inputs_name_the_argument():
     q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     with pytest.raises(TypeError, match="q"):
         me.moba_attention(q, q, q, block_size=4, top_k=2, impl="triton")
-    q = torch.randn(1, 2, 8, 160)
-    with pytest.raises(ValueError, match="q: .*head dim"):
+    q = torch.randn(1, 2, 8, kernels.MAX_HEAD_DIM + 1)
+    assert kernels.MAX_HEAD_DIM == 256
+    with pytest.raises(ValueError, match="q: impl='triton' takes head dims 1 to 256, got 257"):
         me.moba_attention(q, q, q, block_size=4, top_k=2, impl="triton")
-    assert kernels.unsupported(q[..., :64], q[..., :64], q[..., :64]) is None
+    assert kernels.unsupported(q[..., :256], q[..., :256], q[..., :256]) is None
 
 
 def test_empty_inputs():

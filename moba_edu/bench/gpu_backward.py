@@ -8,6 +8,9 @@ moba_fwd_bwd  forward + backward of impl="triton" against dense causal SDPA forw
               its useful FLOPs at the measured bf16 rate, or its bytes at the measured copy bandwidth,
               whichever is larger); the FLOPs the kernels really do; peak memory of forward + backward
               beyond q, k, v, o and their gradients.
+moba_bwd_hdim forward + backward at head dims 64, 128, 192, 256 (gpu_forward's head_dim_points: S = 32K
+              and 128K, (512, 3), 16 heads) against dense causal SDPA forward + backward at the same head
+              dim (a backend that does not take it: `<backend>_error`).
 bwd_tiles     the backward alone at S = 32K, (512, 3), 16 heads, for a few tile shapes, each checked
               against the default's gradients: the sweep that chose moba_bwd.launch_config.
 
@@ -24,7 +27,8 @@ import torch
 
 from .. import cost
 from .floors import ceilings, floor_ms
-from .harness import GPU_HEAD_DIM, Suite, cuda_peak_bytes, gpu_ms, moba_point, qkv, register
+from .gpu_forward import head_dim_points
+from .harness import GPU_HEAD_DIM, Suite, cuda_peak_bytes, gpu_ms, moba_point, qkv, register, sdpa_backends
 
 SIZES = (8192, 32768, 131072)
 CONFIGS = ((512, 3), (128, 8), (4096, 12))
@@ -50,21 +54,15 @@ def fwd_bwd_ms(forward, leaves, do) -> dict:
 _dense_cache: dict = {}
 
 
-def dense(S: int, Hq: int, Hkv: int) -> dict:
-    """Dense causal SDPA forward + backward with the cuDNN and FlashAttention-2 backends (cached per shape)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    shape = (S, Hq, Hkv)
+def dense(S: int, Hq: int, Hkv: int, head_dim: int = GPU_HEAD_DIM) -> dict:
+    """Dense causal SDPA forward + backward with the cuDNN and FlashAttention-2 backends (cached per shape;
+    harness.sdpa_backends: `<backend>_error` where one does not take the shape)."""
+    shape = (S, Hq, Hkv, head_dim)
     if shape not in _dense_cache:
-        q, k, v, do = qkv(S, Hq, Hkv, seed=1, grad_out=True)
+        q, k, v, do = qkv(S, Hq, Hkv, seed=1, grad_out=True, head_dim=head_dim)
         k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
-        result = {}
-        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-            with sdpa_kernel(backend):
-                times = fwd_bwd_ms(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, is_causal=True), [q, k, v], do)
-            result.update({f"{name}_{key}": value for key, value in times.items()})
-        _dense_cache[shape] = result
+        _dense_cache[shape] = sdpa_backends(lambda: fwd_bwd_ms(
+            lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v], do))
     return _dense_cache[shape]
 
 
@@ -156,6 +154,32 @@ def plot_fwd_bwd(records: list[dict], out_dir: Path) -> list[Path]:
 
 
 register(Suite("moba_fwd_bwd", "gpu", fwd_bwd_points, measure_fwd_bwd, plot_fwd_bwd))
+
+
+def measure_head_dim(params: dict, out_dir: Path) -> dict:
+    """Forward + backward of impl="triton" at one head dim, against dense causal SDPA at that head dim."""
+    import moba_edu as me
+    from moba_edu.kernels.moba_bwd import launch_config
+
+    S, Hq, Hkv, bs, top_k, D = (params[key] for key in ("S", "Hq", "Hkv", "block_size", "top_k", "D"))
+    q, k, v, do = qkv(S, Hq, Hkv, grad_out=True, head_dim=D)
+    moba = fwd_bwd_ms(lambda q, k, v: me.moba_attention(q, k, v, block_size=bs, top_k=top_k, impl="triton"),
+                      [q, k, v], do)
+    del q, k, v, do
+    torch.cuda.empty_cache()
+    record = dict(shape=dict(B=1, Hq=Hq, Hkv=Hkv, S=S, D=D), dtype="bfloat16", block_size=bs, top_k=top_k,
+                  **{"pass": "forward + backward"}, **{f"moba_{key}": value for key, value in moba.items()},
+                  launch_config=launch_config(D), **dense(S, Hq, Hkv, D))
+    for name in ("cudnn", "flash"):
+        if f"{name}_fwd_bwd_ms" in record:
+            record[f"speedup_fwd_bwd_vs_{name}"] = record[f"{name}_fwd_bwd_ms"] / moba["fwd_bwd_ms"]
+            record[f"speedup_bwd_vs_{name}"] = record[f"{name}_bwd_ms"] / moba["bwd_ms"]
+    print(f"  D={D}: moba fwd+bwd {moba['fwd_bwd_ms']:.4g} ms, "
+          + ", ".join(f"{n} {record.get(f'{n}_fwd_bwd_ms', 'n/a')}" for n in ("cudnn", "flash")), flush=True)
+    return record
+
+
+register(Suite("moba_bwd_hdim", "gpu", head_dim_points, measure_head_dim))
 
 
 def measure_tiles(params: dict, out_dir: Path) -> dict:

@@ -8,6 +8,10 @@ moba_fwd        the Triton MoBA forward (impl="triton") and its router alone, S 
                 FlashAttention-2 and (up to 32K) the torch rung. Measures the ceilings (floors.py) and
                 the `dense_sdpa` point it needs where they are missing from the output folder.
 moba_fwd_tiles  the routed kernel's tile sizes, warps and stages at two shapes (how they were chosen).
+moba_fwd_hdim   the forward and its router at head dims 64, 128, 192, 256 (S = 32K and 128K, (512, 3), 16
+                heads) against dense causal SDPA at the same head dim; a backend that does not take a
+                head dim is recorded as `<backend>_error` (torch's FlashAttention-2 takes up to 256;
+                cuDNN up to 256 on Hopper from cuDNN 9.10, else 128).
 FlexAttention is left out: compiling a per-token block mask per shape costs minutes of a GPU lease.
 
 The forward goals of the project (`FORWARD_GOALS`): at least 5x faster than cuDNN's dense causal
@@ -23,13 +27,14 @@ import torch
 
 from .. import cost
 from .floors import ceilings, floor_ms
-from .harness import (GIB, GPU_HEAD_DIM, Suite, cuda_peak_bytes, do_bench_ms, event_ms, moba_point, point_name,
-                      qkv, read_point, register, write_point)
+from .harness import (GIB, GPU_HEAD_DIM, Suite, cuda_peak_bytes, do_bench_ms, event_ms, gpu_ms, moba_point,
+                      point_name, qkv, read_point, register, sdpa_backends, write_point)
 
 SEQ_LENS = [8192, 32768, 131072, 1048576]
 CONFIGS = [(512, 3), (128, 8), (4096, 12)]        # (block_size, top_k)
 HEADS, GROUPED = (16, 16), (32, 8)                 # (Hq, Hkv)
 GROUPED_SEQ_LENS = [32768, 131072]
+HEAD_DIMS, HEAD_DIM_SEQ_LENS = (64, 128, 192, 256), (32768, 131072)   # the moba_fwd_hdim suite (and moba_bwd_hdim)
 TORCH_RUNG_MAX_S = 32768
 EVENT_TIMED_S = 131072   # past this, dense attention takes seconds: a few CUDA-event calls, not do_bench
 # (S, block_size, top_k) -> the least speed-up over cuDNN's dense causal attention the project aims for.
@@ -193,3 +198,40 @@ def measure_tiles(params: dict, out_dir: Path) -> dict:
 
 
 register(Suite("moba_fwd_tiles", "gpu", tile_points, measure_tiles))
+
+
+def head_dim_points() -> list[tuple[str, dict]]:
+    """(512, 3), 16 heads, S in HEAD_DIM_SEQ_LENS, each of HEAD_DIMS (shared with gpu_backward's suite)."""
+    return [(point_name(S=S, block_size=512, top_k=3, heads=HEADS, head_dim=D),
+             dict(S=S, Hq=HEADS[0], Hkv=HEADS[1], block_size=512, top_k=3, D=D))
+            for S in HEAD_DIM_SEQ_LENS for D in HEAD_DIMS]
+
+
+def measure_head_dim(params: dict, out_dir: Path) -> dict:
+    """The Triton forward (no grad) and its router at one head dim, and dense causal SDPA at that head dim."""
+    import moba_edu as me
+    from moba_edu.kernels import moba_fwd, router
+    from moba_edu.kernels.layout import layout
+
+    S, Hq, Hkv, bs, top_k, D = (params[key] for key in ("S", "Hq", "Hkv", "block_size", "top_k", "D"))
+    q, k, v = qkv(S, Hq, Hkv, head_dim=D)
+    lay = layout((S,), bs, q.device, True)
+    with torch.inference_mode():
+        router_ms = do_bench_ms(lambda: router.packed_route(q, router.block_means(k, lay), lay, top_k))
+        counts = cost.routed_pair_counts(router.packed_route(q, router.block_means(k, lay), lay, top_k), S, bs)
+        moba_ms = do_bench_ms(lambda: me.moba_attention(q, k, v, block_size=bs, top_k=top_k, impl="triton"))
+        dense_record = sdpa_backends(lambda: {"ms": gpu_ms(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))})
+    record = {"shape": dict(B=1, Hq=Hq, Hkv=Hkv, S=S, D=D), "dtype": "bfloat16", "block_size": bs, "top_k": top_k,
+              "density": counts["density"], "moba_ms": moba_ms, "router_ms": router_ms,
+              "moba_tflops_per_s": 4 * D * counts["attended_pairs"] / moba_ms / 1e9,
+              "launch_config": dict(moba_fwd.launch_config(D), router=router.launch_config(D)), **dense_record}
+    for name in ("cudnn", "flash"):
+        if f"{name}_ms" in record:
+            record[f"speedup_vs_{name}"] = record[f"{name}_ms"] / moba_ms
+    print(f"  D={D}: moba {moba_ms:.4g} ms (router {router_ms:.3g} ms), "
+          + ", ".join(f"{n} {record.get(f'{n}_ms', 'n/a')}" for n in ("cudnn", "flash")), flush=True)
+    return record
+
+
+register(Suite("moba_fwd_hdim", "gpu", head_dim_points, measure_head_dim))

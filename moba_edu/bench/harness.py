@@ -31,7 +31,7 @@ from ..environment import triton_version
 BENCH_DIR = Path(__file__).resolve().parents[2] / "figures" / "bench"
 DEVICE_DIRS = {"cpu": "cpu", "gpu": "h200"}
 GIB = 2**30
-GPU_HEAD_DIM = 128   # every GPU suite: head dim 128, bf16 (B = 1 but in `decode`)
+GPU_HEAD_DIM = 128   # every GPU suite: head dim 128 (but the *_hdim suites), bf16 (B = 1 but in `decode`)
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,14 @@ def suites(device: str) -> list[Suite]:
     return [suite for suite in SUITES.values() if suite.device == device]
 
 
-_TAGS = (("S", "S{}"), ("block_size", "bs{}"), ("top_k", "k{}"), ("heads", "h{}x{}"), ("B", "B{}"),
-         ("tile", "m{}n{}w{}s{}"))
+_TAGS = (("S", "S{}"), ("block_size", "bs{}"), ("top_k", "k{}"), ("heads", "h{}x{}"), ("head_dim", "d{}"),
+         ("B", "B{}"), ("tile", "m{}n{}w{}s{}"))
 
 
 def point_name(what: str | None = None, **params) -> str:
     """A point's name: an optional leading word (an impl, a control), then the parameters, tagged, in a
-    fixed order: S{S}, bs{block_size}, k{top_k}, h{Hq}x{Hkv} (heads), B{B} (batch size; suites of B = 1 leave it out),
-    m{BLOCK_M}n{BLOCK_N}w{warps}s{stages} (tile).
+    fixed order: S{S}, bs{block_size}, k{top_k}, h{Hq}x{Hkv} (heads), d{D} (head dim; suites at GPU_HEAD_DIM leave
+    it out), B{B} (batch size; suites of B = 1 leave it out), m{BLOCK_M}n{BLOCK_N}w{warps}s{stages} (tile).
     point_name(S=8192, block_size=512, top_k=3, heads=(16, 16)) == "S8192-bs512-k3-h16x16"."""
     unknown = set(params) - {tag for tag, _ in _TAGS}
     if unknown:
@@ -150,6 +150,12 @@ def selected(suite: Suite, point: str, only: list[str] | None) -> bool:
     """Whether `--only` patterns (fnmatch, over "suite" or "suite/point") select a point; all without them."""
     return not only or any(fnmatch.fnmatch(suite.name, pat) or fnmatch.fnmatch(f"{suite.name}/{point}", pat)
                            for pat in only)
+
+
+def listed(device: str, only: list[str] | None) -> list[str]:
+    """"suite/point" of every selected point of the device's suites, in run order (measures nothing)."""
+    return [f"{suite.name}/{point}" for suite in suites(device) for point, _ in suite.points()
+            if selected(suite, point, only)]
 
 
 def run(device: str, only: list[str] | None, out_dir: Path) -> list[Path]:
@@ -255,11 +261,28 @@ def cuda_peak_bytes(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def sdpa_backends(measure: Callable[[], dict]) -> dict:
+    """measure() -> {key: value} under each dense SDPA backend, cuDNN then FlashAttention-2, as
+    {"cudnn_<key>": value, ...}; a backend that does not take the inputs (e.g. a head dim it lacks)
+    leaves "<name>_error" instead."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    result = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                result.update({f"{name}_{key}": value for key, value in measure().items()})
+        except RuntimeError as exc:
+            result[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return result
+
+
 # ---------------------------------------------------------------- inputs
 
-def qkv(S: int, Hq: int, Hkv: int, seed: int = 0, grad_out: bool = False) -> tuple[torch.Tensor, ...]:
-    """GPU inputs, bf16, B = 1, head dim GPU_HEAD_DIM: q [1, Hq, S, D], k, v [1, Hkv, S, D], and with
-    grad_out an output gradient dO [1, Hq, S, D] (drawn last: q, k, v do not depend on it)."""
+def qkv(S: int, Hq: int, Hkv: int, seed: int = 0, grad_out: bool = False,
+        head_dim: int = GPU_HEAD_DIM) -> tuple[torch.Tensor, ...]:
+    """GPU inputs, bf16, B = 1: q [1, Hq, S, D], k, v [1, Hkv, S, D] (D = head_dim), and with grad_out
+    an output gradient dO [1, Hq, S, D] (drawn last: q, k, v do not depend on it)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    make = lambda h: torch.randn(1, h, S, GPU_HEAD_DIM, device="cuda", generator=gen).bfloat16()  # noqa: E731
+    make = lambda h: torch.randn(1, h, S, head_dim, device="cuda", generator=gen).bfloat16()  # noqa: E731
     return (make(Hq), make(Hkv), make(Hkv)) + ((make(Hq),) if grad_out else ())

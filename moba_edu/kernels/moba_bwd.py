@@ -271,13 +271,15 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, routed_d
 
 
 def launch_config(head_dim: int) -> dict:
-    """Tiles and warps. Under the interpreter the smallest tiles tl.dot takes. On a GPU (the H200 sweep
-    in figures/bench/h200/bwd_tiles-*.json), key tiles of 128 keys with float32 dK and dV [128, D] in
-    registers of 8 warps, and query tiles of 32 streaming past: FlashAttention-2's Triton backward shape.
-    The dQ kernel's query tile is the router's (64)."""
+    """Tiles and warps per head dim. Under the interpreter the smallest tiles tl.dot takes. On a GPU up
+    to head dim 128 (the H200 sweep in figures/bench/h200/bwd_tiles-*.json), key tiles of 128 keys with
+    float32 dK and dV [128, D] in registers of 8 warps, and query tiles of 32 streaming past:
+    FlashAttention-2's Triton backward shape. Past 128 (BLOCK_D = 256; 160 and 192 padded) dK and dV
+    of 64 keys spill 136-848 B per thread (sm_90): 32 x 32 tiles compile without spills in every
+    kernel (notes/gpu_backward.md). The dQ kernel's query tile is the router's (64)."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16)
-    return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=128 if head_dim <= 128 else 32, num_warps=8, num_stages=2)
 
 
 def sorted_pairs(sched: Schedule) -> torch.Tensor:
@@ -327,7 +329,7 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         pair_slot = sorted_pairs(sched)
     delta = torch.empty(Hq, lay.T, dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(lay.T, 32), Hq)](o, do, delta, lay.L, *strides(o), *strides(do), lay.T,
-                                                BLOCK_T=32, **dims, num_warps=8)  # 32 rows: no spills at D = 128
+                                                BLOCK_T=32, **dims, num_warps=8)  # 32 rows: no spills up to D = 256
     if dlse is not None:
         delta -= dlse
     common = (lay.L, *strides(q), *strides(k), *strides(v), *strides(do))

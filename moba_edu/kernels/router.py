@@ -172,6 +172,16 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_
         top_i = tl.where(hit, -1, top_i)
 
 
+def launch_config(head_dim: int) -> dict:
+    """The router's block tile and warps. 4 warps: 232 registers at head dim 128 (Triton 3.6), so two
+    programs share an SM and hide each other's load latency (8 warps: 158 registers, one program per
+    SM). Past 128 (BLOCK_D = 256) tiles of 32 blocks keep that (208 registers, 80 KB shared, no spill;
+    64 blocks spill 240 B). Under the interpreter, 16 blocks."""
+    if INTERPRET:
+        return dict(BLOCK_N=16)
+    return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+
+
 def packed_route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int) -> torch.Tensor:
     """q [B, Hq, S, D] or [T, Hq, D], means from `block_means` -> routed int32 [Hq, T, R] (layout.py).
 
@@ -185,11 +195,8 @@ def packed_route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int) 
     q_pieces = 0 if INTERPRET else {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 3)
     _route_kernel[(lay.NT, Hq)](q, means, routed, lay.tiles, lay.L, *strides(q), lay.T, lay.NB,
                                 Hq // means.shape[0], lay.block_size, R, HEAD_DIM=D, BLOCK_D=block_d,
-                                BLOCK_M=lay.QT, BLOCK_N=16 if INTERPRET else 64,
-                                ROUTED_PAD=triton.next_power_of_2(R), Q_PIECES=q_pieces,
-                                # 4 warps: 232 registers, so two programs share an SM and hide each
-                                # other's load latency (8 warps: 158 registers, one program per SM).
-                                **({} if INTERPRET else dict(num_warps=4, num_stages=2)))
+                                BLOCK_M=lay.QT, ROUTED_PAD=triton.next_power_of_2(R), Q_PIECES=q_pieces,
+                                **launch_config(D))
     return routed
 
 
