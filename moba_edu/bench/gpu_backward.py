@@ -3,12 +3,14 @@
 moba_fwd_bwd  forward + backward of impl="triton" against dense causal SDPA forward + backward (cuDNN
               and FlashAttention-2 backends, same process): B = 1, head dim 128, bf16; S in 8K, 32K,
               128K; (block_size, top_k) in (512, 3), (128, 8), (4096, 12); grouped 32 / 8 heads at
-              32K and 128K (dense on repeated k, v: the same FLOPs). Per point: forward, backward
+              32K and 128K (dense on repeated k, v: the same FLOPs); and the long point LONG, 512K
+              (128, 8), against cuDNN alone, one CUDA-event call after a warm-up. 1M (4096, 12) is
+              left out: with dense cuDNN's forward + backward beside it, it took over 150 s of a lease. Per point: forward, backward
               (total - forward) and total times; density; the backward's floor (`cost.backward_cost`:
               its useful FLOPs at the measured bf16 rate, or its bytes at the measured copy bandwidth,
               whichever is larger); the FLOPs the kernels really do; peak memory of forward + backward
               beyond q, k, v, o and their gradients.
-moba_bwd_hdim forward + backward at head dims 64, 128, 192, 256 (gpu_forward's head_dim_points: S = 32K
+moba_bwd_hdim forward + backward at head dims 192 and 256 (gpu_forward's head_dim_points: S = 32K
               and 128K, (512, 3), 16 heads) against dense causal SDPA forward + backward at the same head
               dim (a backend that does not take it: `<backend>_error`).
 bwd_tiles     the backward alone at S = 32K, (512, 3), 16 heads, for a few tile shapes, each checked
@@ -31,6 +33,7 @@ from .gpu_forward import head_dim_points
 from .harness import GPU_HEAD_DIM, Suite, cuda_peak_bytes, gpu_ms, moba_point, qkv, register, sdpa_backends
 
 SIZES = (8192, 32768, 131072)
+LONG = ((524288, 128, 8),)   # (S, block_size, top_k)
 CONFIGS = ((512, 3), (128, 8), (4096, 12))
 GROUPED = ((32, 8), (32768, 131072))
 BACKWARD_GOAL = dict(S=131072, block_size=512, top_k=3, speedup=12.0)
@@ -38,16 +41,17 @@ TILES = tuple(dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
               for m, n, w, st in ((32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 64, 4, 2)))
 
 
-def fwd_bwd_ms(forward, leaves, do) -> dict:
-    """Forward, forward + backward and (their difference) backward times of `forward(*leaves)`, in ms."""
+def fwd_bwd_ms(forward, leaves, do, calls: int = 3) -> dict:
+    """Forward, forward + backward and (their difference) backward times of `forward(*leaves)`, in ms
+    (`calls`: CUDA-event calls where one takes seconds, harness.gpu_ms)."""
     for x in leaves:
         x.requires_grad_()
 
     def both():
         forward(*leaves).backward(do)
 
-    fwd = gpu_ms(lambda: forward(*leaves))
-    total = gpu_ms(both, grad_to_none=leaves)
+    fwd = gpu_ms(lambda: forward(*leaves), calls=calls)
+    total = gpu_ms(both, grad_to_none=leaves, calls=calls)
     return dict(fwd_ms=fwd, fwd_bwd_ms=total, bwd_ms=total - fwd)
 
 
@@ -56,13 +60,16 @@ _dense_cache: dict = {}
 
 def dense(S: int, Hq: int, Hkv: int, head_dim: int = GPU_HEAD_DIM) -> dict:
     """Dense causal SDPA forward + backward with the cuDNN and FlashAttention-2 backends (cached per shape;
-    harness.sdpa_backends: `<backend>_error` where one does not take the shape)."""
+    harness.sdpa_backends: `<backend>_error` where one does not take the shape). Past 128K, cuDNN alone
+    and one timed call of each pass after its warm-up."""
     shape = (S, Hq, Hkv, head_dim)
     if shape not in _dense_cache:
         q, k, v, do = qkv(S, Hq, Hkv, seed=1, grad_out=True, head_dim=head_dim)
         k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+        long = S > max(SIZES)
         _dense_cache[shape] = sdpa_backends(lambda: fwd_bwd_ms(
-            lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v], do))
+            lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v], do,
+            calls=1 if long else 3), names=("cudnn",) if long else ("cudnn", "flash"))
     return _dense_cache[shape]
 
 
@@ -70,6 +77,7 @@ def fwd_bwd_points() -> list[tuple[str, dict]]:
     shapes = [(S, 16, 16, bs, k) for S in SIZES for bs, k in CONFIGS]
     (Hq, Hkv), sizes = GROUPED
     shapes += [(S, Hq, Hkv, 512, 3) for S in sizes]
+    shapes += [(S, 16, 16, bs, k) for S, bs, k in LONG]
     return [moba_point(*shape) for shape in shapes]
 
 
@@ -100,7 +108,7 @@ def measure_fwd_bwd(params: dict, out_dir: Path) -> dict:
                   bwd_min_bytes=work["min_bytes"], bwd_floor_ms=floor, bwd_over_floor=moba["bwd_ms"] / floor,
                   bwd_tflops=work["useful_flops"] / moba["bwd_ms"] / 1e9, peak_extra_bytes=peak - expected,
                   ceilings={key: ceil[key] for key in ("copy_bytes_per_s", "bf16_flops_per_s")})
-    for name in ("cudnn", "flash"):
+    for name in ("cudnn", "flash")[:1 if S > max(SIZES) else 2]:
         record[f"speedup_fwd_bwd_vs_{name}"] = record[f"{name}_fwd_bwd_ms"] / moba["fwd_bwd_ms"]
         record[f"speedup_bwd_vs_{name}"] = record[f"{name}_bwd_ms"] / moba["bwd_ms"]
     record["density_bound_fwd_bwd_speedup"] = 1 / counts["density"]

@@ -1,6 +1,6 @@
 """GPU suites of the MoBA forward: bf16, B = 1, head dim 128, causal; times are do_bench medians.
 
-dense_sdpa      dense causal SDPA, cuDNN and FlashAttention-2 backends, S = 8K ... 1M (1M: cuDNN alone,
+dense_sdpa      dense causal SDPA, cuDNN and FlashAttention-2 backends, S = 8K ... 1M (past 128K: cuDNN alone,
                 a few CUDA-event calls), 16 heads and 32 query / 8 key-value heads.
 moba_fwd        the Triton MoBA forward (impl="triton") and its router alone, S = 8K ... 1M,
                 (block_size, top_k) in (512, 3), (128, 8), (4096, 12), and grouped heads at 32K and 128K;
@@ -8,7 +8,7 @@ moba_fwd        the Triton MoBA forward (impl="triton") and its router alone, S 
                 FlashAttention-2 and (up to 32K) the torch rung. Measures the ceilings (floors.py) and
                 the `dense_sdpa` point it needs where they are missing from the output folder.
 moba_fwd_tiles  the routed kernel's tile sizes, warps and stages at two shapes (how they were chosen).
-moba_fwd_hdim   the forward and its router at head dims 64, 128, 192, 256 (S = 32K and 128K, (512, 3), 16
+moba_fwd_hdim   the forward and its router at head dims 192 and 256 (S = 32K and 128K, (512, 3), 16
                 heads) against dense causal SDPA at the same head dim; a backend that does not take a
                 head dim is recorded as `<backend>_error` (torch's FlashAttention-2 takes up to 256;
                 cuDNN up to 256 on Hopper from cuDNN 9.10, else 128).
@@ -30,11 +30,12 @@ from .floors import ceilings, floor_ms
 from .harness import (GIB, GPU_HEAD_DIM, Suite, cuda_peak_bytes, do_bench_ms, event_ms, gpu_ms, moba_point,
                       point_name, qkv, read_point, register, sdpa_backends, write_point)
 
-SEQ_LENS = [8192, 32768, 131072, 1048576]
+SEQ_LENS = [8192, 32768, 131072, 524288, 1048576]
 CONFIGS = [(512, 3), (128, 8), (4096, 12)]        # (block_size, top_k)
 HEADS, GROUPED = (16, 16), (32, 8)                 # (Hq, Hkv)
 GROUPED_SEQ_LENS = [32768, 131072]
-HEAD_DIMS, HEAD_DIM_SEQ_LENS = (64, 128, 192, 256), (32768, 131072)   # the moba_fwd_hdim suite (and moba_bwd_hdim)
+# The moba_fwd_hdim suite (and moba_bwd_hdim): the head dims past 128; D = 128 is moba_fwd's own point.
+HEAD_DIMS, HEAD_DIM_SEQ_LENS = (192, 256), (32768, 131072)
 TORCH_RUNG_MAX_S = 32768
 EVENT_TIMED_S = 131072   # past this, dense attention takes seconds: a few CUDA-event calls, not do_bench
 # (S, block_size, top_k) -> the least speed-up over cuDNN's dense causal attention the project aims for.

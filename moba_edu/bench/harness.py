@@ -205,12 +205,12 @@ def event_ms(fn: Callable[[], object], calls: int = 2) -> float:
     return statistics.median(times)
 
 
-def gpu_ms(fn: Callable[[], object], grad_to_none=None, long_ms: float = 50.0) -> float:
-    """do_bench_ms, or the median of three CUDA-event calls where one call takes over long_ms
+def gpu_ms(fn: Callable[[], object], grad_to_none=None, long_ms: float = 50.0, calls: int = 3) -> float:
+    """do_bench_ms, or the median of `calls` CUDA-event calls where one call takes over long_ms
     (do_bench's 100 ms budget would hold one or two calls; this spends little of a GPU lease)."""
     if event_ms(fn, calls=1) < long_ms:
         return do_bench_ms(fn, grad_to_none)
-    return event_ms(fn, calls=3)
+    return event_ms(fn, calls=calls)
 
 
 # ---------------------------------------------------------------- memory
@@ -261,14 +261,15 @@ def cuda_peak_bytes(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def sdpa_backends(measure: Callable[[], dict]) -> dict:
-    """measure() -> {key: value} under each dense SDPA backend, cuDNN then FlashAttention-2, as
+def sdpa_backends(measure: Callable[[], dict], names=("cudnn", "flash")) -> dict:
+    """measure() -> {key: value} under each dense SDPA backend of `names`, cuDNN and FlashAttention-2, as
     {"cudnn_<key>": value, ...}; a backend that does not take the inputs (e.g. a head dim it lacks)
     leaves "<name>_error" instead."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     result = {}
-    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    for name, backend in ((name, backends[name]) for name in names):
         try:
             with sdpa_kernel(backend):
                 result.update({f"{name}_{key}": value for key, value in measure().items()})

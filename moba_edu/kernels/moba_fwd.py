@@ -159,14 +159,15 @@ def launch_config(head_dim: int) -> dict:
     padding masked). Up to 128: routed tiles are FlashAttention-2's 128 x 64 (a key block feeds 128
     gathered queries); own-block tiles are the router's 64-query tiles (layout.query_tile), on 8 warps:
     with 4, ptxas spills 1.6 KB per thread at head dim 128 (Triton 3.6 and 3.9, sm_90). Past 128 the
-    [BLOCK_M, 256] float32 accumulator and the staged key/value tiles double: routed 64 x 64 on 2 stages
-    (160 KB shared, no spill), own-block key tiles of 32 (the 64-query tile is the layout's; 96 KB,
-    240 B of stack), notes/gpu_forward.md's compile table. Under the interpreter, 16 x 16 tiles keep
-    tests quick."""
+    [BLOCK_M, 256] float32 accumulator and the staged key/value tiles double: routed 64 x 32 on 4 warps
+    and 2 stages (the fastest of four shapes on the H200 at D = 256, 4.9 ms against 6.0 for 64 x 64 on
+    8 warps; notes/gpu_forward.md), own-block key tiles of 32 (the 64-query tile is the layout's;
+    96 KB, 240 B of stack), notes/gpu_forward.md's compile table. Under the interpreter, 16 x 16 tiles
+    keep tests quick."""
     if INTERPRET:
         return dict(routed=dict(BLOCK_M=16, BLOCK_N=16), own=dict(BLOCK_N=16))
     if head_dim > 128:
-        return dict(routed=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        return dict(routed=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
                     own=dict(BLOCK_N=32, num_warps=8, num_stages=2))
     return dict(routed=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3),
                 own=dict(BLOCK_N=64, num_warps=8, num_stages=3))
