@@ -29,11 +29,15 @@ lab: setup
 	$(BIN)/jupyter lab --no-browser --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
 		$(if $(filter 0,$(shell id -u)),--allow-root)
 
+# One thread per test process (two pytest workers, each with its notebook kernels, on two cores): torch's
+# OpenMP threads spin while they wait, so two processes of two threads each slowed training cells ~10x.
+TEST_ENV := $(CPU_ENV) OMP_NUM_THREADS=1
+
 test: setup
-	$(CPU_ENV) $(BIN)/python -m pytest -n 2 --dist loadfile --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(TEST_ENV) $(BIN)/python -m pytest -n 2 --dist loadfile --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test-fast: setup
-	$(CPU_ENV) $(BIN)/python -m pytest -n 2 --dist loadfile -m "not browser" tests
+	$(TEST_ENV) $(BIN)/python -m pytest -n 2 --dist loadfile -m "not browser" tests
 
 test-gpu:
 	python3 -m pytest -m gpu -p no:nbval tests
