@@ -94,6 +94,8 @@ def test_router_matches_float32_gates(lengths, Hq, Hkv, block_size, top_k):
     ((4096, 1000, 1), 1, 8, 2, 128, 256, 4),      # ragged, a length-1 sequence, GQA, tails
     ((3000, 2999), 3, 4, 4, 64, 100, 3),          # chunk of 3 queries crossing a block boundary
     ((2048,), 2, 4, 1, 96, 256, 20),              # top_k past the number of blocks: dense causal
+    ((2500, 700), 2, 8, 2, 256, 128, 4),          # the largest head dim the kernels take
+    ((1500,), 1, 4, 4, 192, 256, 3),              # a head dim padded to 256
 ])
 def test_decode_matches_float64_given_routing(dtype, lengths, s, Hq, Hkv, D, block_size, top_k):
     cache = filled_cache(lengths, Hkv, D, block_size, dtype, 1)
@@ -171,7 +173,8 @@ def sanitize_shapes():
     """Decode at a ragged and an aligned shape, for compute-sanitizer (from the repository root):
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH=. compute-sanitizer --tool memcheck python3 tests/test_gpu_decode.py"""
     for lengths, s, Hq, Hkv, D, block_size, top_k in [((3000, 1, 700), 3, 8, 2, 96, 100, 5),
-                                                      ((4096,), 1, 4, 4, 128, 256, 4)]:
+                                                      ((4096,), 1, 4, 4, 128, 256, 4),
+                                                      ((2500, 700), 2, 8, 2, 192, 128, 4)]:
         cache = filled_cache(lengths, Hkv, D, block_size, torch.bfloat16, 5)
         lens = torch.tensor([min(s, n) for n in lengths])
         q = torch.randn(len(lengths), Hq, s, D, device="cuda").bfloat16()
