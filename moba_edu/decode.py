@@ -119,14 +119,18 @@ class MobaKVCache:
         k, v = (x[pages].flatten(0, 1)[:n].transpose(0, 1) for x in (self.k_pages, self.v_pages))
         return k, v
 
-    def _check(self, x, name: str) -> None:
-        """x: [B, Hkv, s, D] of the cache's dtype and device."""
+    def check_matches(self, x, name: str) -> None:
+        """x must be a tensor of the cache's dtype, on its device (keys, values or queries)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != self.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but the cache holds {self.dtype}")
         if x.device != self.device:
             raise ValueError(f"{name} is on {x.device} but the cache is on {self.device}")
+
+    def _check(self, x, name: str) -> None:
+        """x: [B, Hkv, s, D] of the cache's dtype and device."""
+        self.check_matches(x, name)
         B, H, D = self.batch_size, self.num_kv_heads, self.head_dim
         if x.dim() != 4 or x.shape[0] != B or x.shape[1] != H or x.shape[3] != D:
             raise ValueError(f"{name} must have shape [B={B}, Hkv={H}, s, D={D}] for this cache, got {tuple(x.shape)}")
@@ -159,12 +163,7 @@ def moba_decode(q, cache: MobaKVCache, *, top_k, scale=None, impl="auto", length
     """
     if not isinstance(cache, MobaKVCache):
         raise TypeError(f"cache must be a MobaKVCache, got {type(cache).__name__}")
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    if q.dtype != cache.dtype:
-        raise TypeError(f"q has dtype {q.dtype} but the cache holds {cache.dtype}")
-    if q.device != cache.device:
-        raise ValueError(f"q is on {q.device} but the cache is on {cache.device}")
+    cache.check_matches(q, "q")
     if q.dim() != 4 or q.shape[3] != cache.head_dim:
         raise ValueError(f"q must have shape [B, Hq, s, D={cache.head_dim}], got {tuple(q.shape)}")
     if q.shape[0] != cache.batch_size:
