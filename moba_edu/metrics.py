@@ -64,7 +64,8 @@ def router_recall(model, tokens: torch.Tensor, block_size: int, top_k: int) -> l
     recalls = []
     for block, (q, k) in zip(model.blocks, capture_qk(model, tokens)):
         if block.attn.kind == "dsa":
-            scores = block.attn.indexer(q, k)
+            with torch.no_grad():
+                scores = block.attn.indexer(q, k)
             recalls.append(token_recall(attention_probs(q, k), scores, block_size * top_k, slice(first, None)))
         else:
             curve = recall_curve(q, k, block_size, queries=slice(first, None))

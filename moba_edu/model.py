@@ -1,8 +1,9 @@
 """A small decoder-only transformer (in the spirit of Karpathy's nanoGPT) whose attention is chosen per
 layer: "full" (causal SDPA), "moba" (`moba_edu.moba_attention`; impl="auto" takes the Triton kernels
 on a GPU and the torch rung on a CPU) or "dsa" (token-level top-k by a learned lightning indexer, as in
-DeepSeek-V3.2's sparse attention, at the same number of attended keys as MoBA, block_size * top_k). Grouped-query heads, rotary position embeddings (RoPE, Su et
-al., 2021), RMSNorm, a SwiGLU MLP, tied input/output embeddings. Contract: docs/design.md §2b.
+DeepSeek-V3.2's sparse attention, at MoBA's number of attended keys, block_size * top_k). Grouped-query
+heads, rotary position embeddings (RoPE, Su et al., 2021), RMSNorm, a SwiGLU MLP, tied input/output
+embeddings. Contract: docs/design.md §2b.
 
 A hybrid model, MoBA in every layer but the last `L` (as the MoBA paper trains), is one line:
 `ModelConfig(..., layers=hybrid_pattern(n_layer, L))`. `Model.set_layers(pattern)` swaps the attention of
