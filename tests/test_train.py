@@ -148,8 +148,9 @@ def test_training_is_seeded_and_switches_layers():
 def test_cli_throughput_writes_json(tmp_path, capsys):
     main(["--config", "tiny", "--steps", "5", "--throughput", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "throughput-tiny-moba-1.json").read_text())
-    assert result["tokens_per_s"] > 0 and len(result["step_seconds"]) == 5
-    assert result["tokens_per_step"] == 8 * 256
+    assert len(result["step_seconds"]) == 5 and result["tokens_per_step"] == 8 * 256
+    assert result["median_step_s"] == sorted(result["step_seconds"][3:])[1]   # the median past 3 warm-up steps
+    assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["median_step_s"])
 
 
 def test_bad_config_names_are_named():
