@@ -104,6 +104,27 @@ def test_large_head_dim_gradients_match_torch_rung(D, block_size, top_k):
         assert rel_err(a, b) < 1e-2, f"d{name}"
 
 
+@pytest.mark.parametrize("block_size,top_k,D", [(128, 8, 128), (512, 3, 128), (256, 4, 256)])
+def test_routed_dq_paths_agree(block_size, top_k, D):
+    """The routed dQ by atomic adds and per slot (launch_config's DQ, picked by block size), the latter
+    in one chunk and in many, against float64 attention given the same routing."""
+    lengths, Hq, Hkv = (3000, 1, 2100), 4, 2
+    T, scale = sum(lengths), D ** -0.5
+    q, k, v = random_qkv((T, Hq, D), (T, Hkv, D), torch.bfloat16, 23)
+    do = random_qkv((T, Hq, D), (T, Hq, D), torch.bfloat16, 24)[0]
+    with torch.no_grad():
+        o, lse, routed = moba_fwd(q, k, v, list(lengths), block_size, top_k, scale)
+    lay = layout.layout(lengths, block_size, q.device, False)
+    sched = types.SimpleNamespace(routed=routed)
+    want = reference_grads(lambda q, k, v: float64_given_routing(q, k, v, sched, lengths, block_size, scale)[0],
+                           q, k, v, do, torch.float64)
+    for dq, budget in (("atomic", None), ("slots", None), ("slots", 2**22)):
+        got = moba_backward(do, q, k, v, o, lse, routed, lay, scale, deterministic=False, partial_budget=budget,
+                            config=dict(DQ=dq))
+        for name, g, g_ref in zip("qkv", got, want):
+            assert rel_err(g, g_ref) < TOL[torch.bfloat16], f"d{name} ({dq}, budget {budget}): {rel_err(g, g_ref):.3g}"
+
+
 def test_deterministic_mode_on_gpu():
     """Deterministic mode gives the same bits every run, with any partial buffer agrees to rounding,
     and so does the atomic path (whose last bits vary from run to run)."""
@@ -189,7 +210,8 @@ def test_training_steps_track_naive():
 
 
 def sanitize_shapes():
-    """Backward kernels (atomic and deterministic) at one aligned and one ragged shape (S <= 4K), for
+    """Backward kernels at one aligned and one ragged shape (S <= 4K; the routed dQ per slot at block 256,
+    by atomics at block 100; deterministic mode at both), for
     compute-sanitizer (from the repository root, with PYTHONPATH=.):
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 tests/test_gpu_backward.py"""
     shapes = [((4096,), 4, 2, 128, 256, 4), ((1000, 0, 1, 2777), 4, 1, 96, 100, 5)]

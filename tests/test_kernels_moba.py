@@ -60,13 +60,17 @@ def test_router_varlen_restarts_blocks(case):
         assert (routed[:, start:end, R:] == -1).all()   # slots past this sequence's blocks
 
 
-def test_schedule_lists_every_pair_once():
+@pytest.mark.parametrize("router_counts", [False, True])
+def test_schedule_lists_every_pair_once(router_counts):
+    """Every routed pair in its (chunk, block, head) bucket once: with the schedule's own counting pass,
+    and with the pairs counted by the router (as the forward runs it)."""
     lengths = (30, 0, 45, 1)
     gen = torch.Generator().manual_seed(4)
     q, k = torch.randn(76, 4, 16, generator=gen), torch.randn(76, 2, 16, generator=gen)
     lay = layout.layout(lengths, 8, q.device, False)
-    routed = router.packed_route(q, router.block_means(k, lay), lay, 4)
-    sched = router.schedule(routed, lay, tiles_per_chunk=2)
+    counts = torch.zeros(-(-lay.NT // 2) * lay.NB * 4, dtype=torch.int32) if router_counts else None
+    routed = router.packed_route(q, router.block_means(k, lay), lay, 4, counts, tiles_per_chunk=2)
+    sched = router.schedule(routed, lay, tiles_per_chunk=2, counts=counts)
     Hq, R = 4, sched.R
     offsets, slots = sched.pair_offsets.tolist(), sched.pair_slot.tolist()
     listed = []

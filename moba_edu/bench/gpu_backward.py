@@ -15,6 +15,10 @@ moba_bwd_hdim forward + backward at head dims 192 and 256 (gpu_forward's head_di
               dim (a backend that does not take it: `<backend>_error`).
 bwd_tiles     the backward alone at S = 32K, (512, 3), 16 heads, for a few tile shapes, each checked
               against the default's gradients: the sweep that chose moba_bwd.launch_config.
+bwd_dq        the backward alone with the routed dQ by atomic adds and per slot (a few tiles of the
+              per-slot kernel), and in deterministic mode, at 32K and 128K for each configuration
+              (128K (4096, 12) left out: half a second per call), each checked against the atomic
+              path's gradients: the sweep that chose launch_config's DQ and dq_routed.
 
 The backward goal of the project (`BACKWARD_GOAL`): forward + backward at 128K with (512, 3) at least
 12x faster than cuDNN's. Times are `harness.gpu_ms`: do_bench medians, or three CUDA-event calls
@@ -204,17 +208,54 @@ def measure_tiles(params: dict, out_dir: Path) -> dict:
     def run(config=None):
         return moba_backward(do, q, k, v, o, lse, routed, lay, GPU_HEAD_DIM ** -0.5, config=config)
 
-    reference = run()
-    rows = []
-    for config in TILES:
-        try:
-            grads = run(config)
-            err = max(float((g.float() - r.float()).norm() / r.float().norm()) for g, r in zip(grads, reference))
-            rows.append(dict(config=config, bwd_ms=gpu_ms(lambda: run(config)), rel_err_vs_default=err))
-        except Exception as exc:   # e.g. out of shared memory: record it, try the next shape
-            rows.append(dict(config=config, error=f"{type(exc).__name__}: {exc}"[:300]))
     return dict(shape=dict(B=1, Hq=params["Hq"], Hkv=params["Hkv"], S=S, D=GPU_HEAD_DIM), block_size=bs, top_k=top_k,
-                default=launch_config(GPU_HEAD_DIM), tiles=rows)
+                default=launch_config(GPU_HEAD_DIM, bs), tiles=sweep(run, [dict(config=c) for c in TILES]))
+
+
+def sweep(run, variants: list[dict]) -> list[dict]:
+    """Time `run(**variant)` for each variant, with its gradients' relative error against the first
+    variant's (`run()` where the first is empty); a variant that fails (e.g. out of shared memory) is
+    recorded with its error."""
+    reference = run(**variants[0])
+    rows = []
+    for variant in variants:
+        try:
+            grads = run(**variant)
+            err = max(float((g.float() - r.float()).norm() / r.float().norm()) for g, r in zip(grads, reference))
+            rows.append(dict(variant, bwd_ms=gpu_ms(lambda: run(**variant)), rel_err_vs_first=err))
+        except Exception as exc:
+            rows.append(dict(variant, error=f"{type(exc).__name__}: {exc}"[:300]))
+        print(f"  {rows[-1]}", flush=True)
+    return rows
 
 
 register(Suite("bwd_tiles", "gpu", lambda: [moba_point(32768, 16, 16, 512, 3)], measure_tiles))
+
+DQ_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2))
+
+
+def measure_dq(params: dict, out_dir: Path) -> dict:
+    from moba_edu.kernels.layout import layout
+    from moba_edu.kernels.moba_bwd import launch_config, moba_backward
+    from moba_edu.kernels.op import moba_fwd
+
+    S, bs, top_k = params["S"], params["block_size"], params["top_k"]
+    q, k, v, do = qkv(S, params["Hq"], params["Hkv"], grad_out=True)
+    with torch.no_grad():
+        o, lse, routed = moba_fwd(q, k, v, [S], bs, top_k, GPU_HEAD_DIM ** -0.5)
+    lay = layout((S,), bs, q.device, True)
+
+    def run(config=None, deterministic=False):
+        return moba_backward(do, q, k, v, o, lse, routed, lay, GPU_HEAD_DIM ** -0.5, config=config,
+                             deterministic=deterministic)
+
+    variants = [dict(config=dict(DQ="atomic"))]
+    variants += [dict(config=dict(DQ="slots", dq_routed=dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)))
+                 for m, n, w, st in DQ_TILES]
+    variants += [dict(deterministic=True)]
+    return dict(shape=dict(B=1, Hq=params["Hq"], Hkv=params["Hkv"], S=S, D=GPU_HEAD_DIM), block_size=bs, top_k=top_k,
+                default=launch_config(GPU_HEAD_DIM, bs), variants=sweep(run, variants))
+
+
+register(Suite("bwd_dq", "gpu", lambda: [moba_point(S, 16, 16, bs, k) for S in (32768, 131072) for bs, k in CONFIGS
+                                          if (S, bs) != (131072, 4096)], measure_dq))

@@ -7,7 +7,7 @@ moba_fwd        the Triton MoBA forward (impl="triton") and its router alone, S 
                 density, density bound, router floor, peak and extra memory, speed-ups over cuDNN,
                 FlashAttention-2 and (up to 32K) the torch rung. Measures the ceilings (floors.py) and
                 the `dense_sdpa` point it needs where they are missing from the output folder.
-moba_fwd_tiles  the routed kernel's tile sizes, warps and stages at two shapes (how they were chosen).
+moba_fwd_tiles  the routed kernel's tile sizes, warps and stages at four shapes (how they were chosen).
 moba_fwd_hdim   the forward and its router at head dims 192 and 256 (S = 32K and 128K, (512, 3), 16
                 heads) against dense causal SDPA at the same head dim; a backend that does not take a
                 head dim is recorded as `<backend>_error` (torch's FlashAttention-2 takes up to 256;
@@ -102,11 +102,18 @@ def measure_moba(params: dict, out_dir: Path) -> dict:
     lay = layout((S,), bs, q.device, True)
     call = lambda: me.moba_attention(q, k, v, block_size=bs, top_k=top_k, impl="triton")  # noqa: E731
     with torch.inference_mode():
-        router_ms = do_bench_ms(lambda: router.packed_route(q, router.block_means(k, lay), lay, top_k))
-        routed = router.packed_route(q, router.block_means(k, lay), lay, top_k)
-        chunk_tiles = tiles_per_chunk(lay, Hq, routed.shape[-1], D, 2, default_partial_budget(q))
-        schedule_ms = do_bench_ms(lambda: router.schedule(routed, lay, chunk_tiles))
-        del routed
+        # As moba_forward runs them: the router also counts the pairs, the schedule fills the buckets.
+        chunk_tiles = tiles_per_chunk(lay, Hq, lay.routed_slots(top_k), D, 2, default_partial_budget(q))
+        counts = torch.zeros(-(-lay.NT // chunk_tiles) * lay.NB * Hq, dtype=torch.int32, device=q.device)
+
+        def route():
+            counts.zero_()
+            return router.packed_route(q, router.block_means(k, lay), lay, top_k, counts, chunk_tiles)
+
+        router_ms = do_bench_ms(route)
+        routed = route()
+        schedule_ms = do_bench_ms(lambda: router.schedule(routed, lay, chunk_tiles, counts))
+        del routed, counts
         moba_ms = do_bench_ms(call)
         peak = cuda_peak_bytes(call)
         _, _, sched = moba_forward(q, k, v, (S,), bs, top_k, scale)
@@ -178,9 +185,10 @@ register(Suite("moba_fwd", "gpu", moba_points, measure_moba, plot_moba))
 
 
 def tile_points() -> list[tuple[str, dict]]:
-    """The routed kernel's tiles (BLOCK_M, BLOCK_N, warps, stages), at two shapes."""
-    tiles = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
-    shapes = [(131072, 512, 3), (32768, 4096, 12)]
+    """The routed kernel's tiles (BLOCK_M, BLOCK_N, warps, stages), at four shapes."""
+    tiles = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2),
+             (64, 128, 4, 2), (128, 64, 8, 2)]
+    shapes = [(131072, 512, 3), (32768, 4096, 12), (131072, 128, 8), (32768, 512, 3)]
     return [(point_name(S=S, block_size=bs, top_k=k, tile=tile), dict(S=S, block_size=bs, top_k=k, tile=tile))
             for S, bs, k in shapes for tile in tiles]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import floors, cpu, explorer, gpu_forward, gpu_backward, decode  # noqa: F401, I001  (run order; importing registers)
+from . import floors, cpu, explorer, gpu_forward, gpu_backward, gpu_split, decode  # noqa: F401, I001  (run order; importing registers)
 from .harness import SUITES, read_points
 
 

@@ -22,13 +22,16 @@ Kernels, in launch order (layout.py's token numbering, `Layout` and block-major 
 3. `_dq_kernel`, query-major inside the own block: one program per (query tile, query head) walks its
    block's keys up to the diagonal, adds the routed terms, scales and writes dQ in the input dtype.
 
-Deterministic mode (`torch.are_deterministic_algorithms_enabled()`). Atomic float adds land in arrival
-order, so results vary in the last bits; and the schedule's buckets are filled in arrival order too.
-So: the buckets are sorted (`sorted_pairs`), `_dkdv_kernel` skips dQ, `_dq_routed_kernel` (one program
-per (key block, query head) walking its bucket, all the block's keys per query tile) writes each
-(query, head, routed slot) term to its own float32 row, and `_dq_kernel` adds the R slots in order.
-That costs a second pass over the routed scores and a float32 buffer of Hq * tokens * R * D, bounded by
-doing the query tiles in chunks (layout.py's `tiles_per_chunk`, as the forward does).
+Routed dQ per slot (`launch_config`'s DQ = "slots", from SLOTS_FROM_BLOCK keys per block, and always in
+deterministic mode). The atomic adds above cost one float32 row add per routed pair and key tile: at
+128K tokens with (512, 3), 8.6 GB of atomic traffic into an accumulator L2 cannot hold. Instead
+`_dkdv_kernel` skips dQ, and `_dq_routed_kernel` (one program per tile of a bucket's routed queries,
+walking all the block's keys) writes each (query, head, routed slot) term to its own float32 row, which
+`_dq_kernel` adds over the R slots in order. It recomputes the routed scores and dP (10 D -> 14 D
+FLOPs per routed pair) and needs a float32 buffer of Hq * tokens * R * D, bounded by doing the query
+tiles in chunks (layout.py's `tiles_per_chunk`, as the forward does). Deterministic mode
+(`torch.are_deterministic_algorithms_enabled()`) also sorts every bucket (`sorted_pairs`): the
+buckets are filled in atomic arrival order, and dK, dV sum over them.
 
 Shapes: q, o, do [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; lse float32 [Hq, T].
 """
@@ -43,6 +46,9 @@ from . import INTERPRET
 from .layout import (LOG2E, LOG2E_K, Layout, Schedule, default_partial_budget, row_offset, strides, tile_header,
                      tiles_per_chunk)
 from .router import schedule
+
+# The block size from which the routed dQ is summed per slot rather than by atomic adds (launch_config).
+SLOTS_FROM_BLOCK = 256
 
 
 @triton.jit
@@ -187,45 +193,48 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 
 @triton.jit
 def _dq_routed_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, part_ptr, blocks_ptr, pair_offsets,
-                      pair_slot, L, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                      stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
-                      T, Hq, NB, GROUP, R, chunk, chunk_token0, chunk_len, qk_scale,
+                      pair_slot, tile_offsets, tile_bucket, L, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
+                      stride_kh, stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
+                      T, Hq, NB, GROUP, R, chunk, chunk_token0, chunk_len, bucket_lo, bucket_hi, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       WIDE: tl.constexpr):
-    """Deterministic routed dQ of one chunk: part[h, t - chunk_token0, r] = sum over block b's keys of
-    dS K for every pair (t, r) of bucket (chunk, b, h); grid (NB, Hq)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    """Routed dQ without atomics, one program per tile of BLOCK_M pairs of one (key block, query head)
+    bucket of a chunk (layout.Schedule.tile_table, as the forward's routed kernel): part[h, t -
+    chunk_token0, r] = sum over block b's keys of dS K, one row per pair (t, r). The grid is an upper
+    bound on the chunk's tiles; spare programs return."""
+    tile = tl.load(tile_offsets + bucket_lo) + tl.program_id(0)
+    if tile >= tl.load(tile_offsets + bucket_hi):
+        return
+    lo = tl.load(tile_bucket + tile)
+    h = lo % Hq
+    b = lo // Hq - chunk * NB
     hk = h // GROUP
     token0 = tl.load(blocks_ptr + 2 * b)
     block_end = token0 + tl.load(blocks_ptr + 2 * b + 1)
-    bucket = (chunk * NB + b) * Hq + h
-    lo = tl.load(pair_offsets + bucket)
-    hi = tl.load(pair_offsets + bucket + 1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    for m0 in range(lo, hi, BLOCK_M):
-        row_ok = m0 + offs_m < hi
-        pair = tl.load(pair_slot + m0 + offs_m, mask=row_ok, other=0)
-        t = pair // R
-        q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, token0, t, h, row_ok, offs_d, L,
-                                         stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
-                                         T, HEAD_DIM, WIDE)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for n0 in range(token0, block_end, BLOCK_N):
-            keys = n0 + offs_n
-            key_ok = keys < block_end
-            kv_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-            k = tl.load(_rows(k_ptr, token0, keys, hk, L, stride_kb, stride_ks, stride_kh, offs_d, WIDE), mask=kv_ok,
-                        other=0.0)
-            v = tl.load(_rows(v_ptr, token0, keys, hk, L, stride_vb, stride_vs, stride_vh, offs_d, WIDE), mask=kv_ok,
-                        other=0.0)
-            p, ds = _tile_scores(q, do, lse2, delta, k, v, row_ok[:, None] & key_ok[None, :], qk_scale)
-            acc = tl.dot(ds.to(k.dtype), k, acc)
-        base = part_ptr + (h * chunk_len + token0 - chunk_token0).to(tl.int64) * R * BLOCK_D
-        rows = (_rel(t, token0, WIDE) * R + pair % R) * BLOCK_D
-        tl.store(base + rows[:, None] + offs_d[None, :], acc, mask=row_ok[:, None])
+    first = tl.load(pair_offsets + lo) + (tile - tl.load(tile_offsets + lo)) * BLOCK_M
+    row_ok = first + offs_m < tl.load(pair_offsets + lo + 1)
+    pair = tl.load(pair_slot + first + offs_m, mask=row_ok, other=0)
+    t = pair // R
+    q, do, lse2, delta = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, token0, t, h, row_ok, offs_d, L,
+                                     stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
+                                     T, HEAD_DIM, WIDE)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(token0, block_end, BLOCK_N):
+        keys = n0 + offs_n
+        key_ok = keys < block_end
+        kv_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(_rows(k_ptr, token0, keys, hk, L, stride_kb, stride_ks, stride_kh, offs_d, WIDE), mask=kv_ok,
+                    other=0.0)
+        v = tl.load(_rows(v_ptr, token0, keys, hk, L, stride_vb, stride_vs, stride_vh, offs_d, WIDE), mask=kv_ok,
+                    other=0.0)
+        p, ds = _tile_scores(q, do, lse2, delta, k, v, row_ok[:, None] & key_ok[None, :], qk_scale)
+        acc = tl.dot(ds.to(k.dtype), k, acc)
+    base = part_ptr + (h * chunk_len + token0 - chunk_token0).to(tl.int64) * R * BLOCK_D
+    rows = (_rel(t, token0, WIDE) * R + pair % R) * BLOCK_D
+    tl.store(base + rows[:, None] + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -270,19 +279,31 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, routed_d
              (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
-def launch_config(head_dim: int) -> dict:
-    """Tiles and warps per head dim. Under the interpreter the smallest tiles tl.dot takes. On a GPU up
-    to head dim 128 (the H200 sweep in figures/bench/h200/bwd_tiles-*.json), key tiles of 128 keys with
-    float32 dK and dV [128, D] in registers of 8 warps, and query tiles of 32 streaming past:
-    FlashAttention-2's Triton backward shape. Past 128 (BLOCK_D = 256; 160 and 192 padded) dK and dV
-    of 64 keys spill 136-848 B per thread (sm_90): 32 x 32 tiles compile without spills in every
-    kernel, and on 4 warps ran fastest of five shapes on the H200 at D = 256 (13.9 ms against 23.5 on
-    8 warps; notes/gpu_backward.md). The dQ kernel's query tile is the router's (64)."""
+def launch_config(head_dim: int, block_size: int) -> dict:
+    """Tiles, warps and the routed dQ's path per head dim and block size.
+
+    dK/dV and dQ kernels (BLOCK_M, BLOCK_N, num_warps, num_stages). Under the interpreter the smallest
+    tiles tl.dot takes. On a GPU up to head dim 128 (the H200 sweep in figures/bench/h200/bwd_tiles-*.json),
+    key tiles of 128 keys with float32 dK and dV [128, D] in registers of 8 warps, and query tiles of 32
+    streaming past: FlashAttention-2's Triton backward shape. Past 128 (BLOCK_D = 256; 160 and 192
+    padded) dK and dV of 64 keys spill 136-848 B per thread (sm_90): 32 x 32 tiles compile without
+    spills in every kernel, and on 4 warps ran fastest of five shapes on the H200 at D = 256 (13.9 ms
+    against 23.5 on 8 warps; notes/gpu_backward.md). The dQ kernel's query tile is the router's (64).
+
+    DQ: how the routed queries' dQ terms are summed. "atomic": the dK/dV kernel adds dS K into a
+    float32 accumulator per key tile (FlashAttention-2's way; block_size / BLOCK_N atomic row adds per
+    pair). "slots": the dK/dV kernel skips dQ and `_dq_routed_kernel` recomputes each routed pair's
+    scores query-major, summing the whole block in registers and writing one row per (query, slot),
+    which the dQ kernel adds in order (deterministic mode always takes it). dq_routed: its tiles.
+    """
+    dq = "slots" if block_size >= SLOTS_FROM_BLOCK else "atomic"
     if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=16)
+        return dict(BLOCK_M=16, BLOCK_N=16, DQ=dq, dq_routed=dict(BLOCK_M=16, BLOCK_N=16))
     if head_dim > 128:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, DQ=dq,
+                    dq_routed=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2))
+    return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2, DQ=dq,
+                dq_routed=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
 
 
 def sorted_pairs(sched: Schedule) -> torch.Tensor:
@@ -304,10 +325,10 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
     do, q, o [B, Hq, S, D] or [T, Hq, D]; k, v with Hkv heads; lay: layout.layout(...) of the input.
     Returns dq, dk, dv (each in its input's layout and dtype). `deterministic` defaults to
-    torch.are_deterministic_algorithms_enabled(); `partial_budget` bounds its float32 partial buffer
-    (bytes; default twice the size of q). dlse float32 [Hq, T], a gradient on lse, enters as
+    torch.are_deterministic_algorithms_enabled(); `partial_budget` bounds the float32 buffer of per-slot
+    dQ rows (bytes; default twice the size of q). dlse float32 [Hq, T], a gradient on lse, enters as
     Delta - dlse (op.py's docstring says why). config overrides `launch_config` (the benchmark's tile
-    sweep) and may force WIDE (tests).
+    sweeps; DQ="atomic" or "slots") and may force WIDE (tests).
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -318,18 +339,17 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if lay.T == 0:
         return dq, dk, dv
     block_d = max(16, triton.next_power_of_2(D))
-    cfg = dict(launch_config(D), **(config or {}))
+    cfg = dict(launch_config(D, lay.block_size), **(config or {}))
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     warps = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
     dims = dict(HEAD_DIM=D, BLOCK_D=block_d)
-    atomic = not deterministic
+    atomic = not deterministic and cfg["DQ"] == "atomic"
     if atomic:
         sched = schedule(routed, lay, lay.NT)                  # one chunk: the accumulator holds every query
-        pair_slot = sched.pair_slot
     else:
         budget = partial_budget if partial_budget is not None else default_partial_budget(q)
         sched = schedule(routed, lay, tiles_per_chunk(lay, Hq, R, block_d, 4, budget))
-        pair_slot = sorted_pairs(sched)
+    pair_slot = sorted_pairs(sched) if deterministic else sched.pair_slot
     delta = torch.empty(Hq, lay.T, dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(lay.T, 32), Hq)](o, do, delta, lay.L, *strides(o), *strides(do), lay.T,
                                                 BLOCK_T=32, **dims, num_warps=8)  # 32 rows: no spills up to D = 256
@@ -356,10 +376,15 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         if not atomic:
             routed_dq = torch.zeros(Hq, token1 - token0, max(R, 1), block_d, dtype=torch.float32, device=q.device)
             if R:
-                _dq_routed_kernel[(lay.NB, Hq)](
-                    q, k, v, do, lse, delta, routed_dq, lay.blocks, sched.pair_offsets, pair_slot, *common,
-                    lay.T, Hq, lay.NB, Hq // Hkv, R, c, token0, token1 - token0, scale * LOG2E,
-                    BLOCK_M=BM, BLOCK_N=BN, WIDE=wide, **dims, **warps)
+                rows = cfg["dq_routed"]["BLOCK_M"]
+                if c == 0:
+                    tile_offsets, tile_bucket = sched.tile_table(rows)
+                bucket_lo, bucket_hi = sched.buckets(c)
+                most_tiles = -(-(token1 - token0) * Hq * R // rows) + lay.NB * Hq
+                _dq_routed_kernel[(most_tiles,)](
+                    q, k, v, do, lse, delta, routed_dq, lay.blocks, sched.pair_offsets, pair_slot, tile_offsets,
+                    tile_bucket, *common, lay.T, Hq, lay.NB, Hq // Hkv, R, c, token0, token1 - token0,
+                    bucket_lo, bucket_hi, scale * LOG2E, WIDE=wide, **dims, **cfg["dq_routed"])
         _dq_kernel[(tile1 - tile0, Hq)](
             q, k, v, do, lse, delta, dq, routed_dq, lay.tiles, *common, *strides(dq),
             lay.T, Hq // Hkv, tile0, token0, token1 - token0, lay.block_size, scale, scale * LOG2E,

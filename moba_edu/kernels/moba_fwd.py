@@ -186,10 +186,12 @@ def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tup
     Hq, D = q.shape[1], q.shape[-1]     # the head axis is axis 1 in both layouts
     lay = layout(tuple(lengths), block_size, q.device, batched)
     block_d = max(16, triton.next_power_of_2(D))
-    routed = packed_route(q, block_means(k, lay), lay, top_k)
-    R = routed.shape[-1]
+    R = lay.routed_slots(top_k)
     budget = partial_budget if partial_budget is not None else default_partial_budget(q)
-    sched = schedule(routed, lay, tiles_per_chunk(lay, Hq, R, block_d, q.element_size(), budget))
+    chunk_tiles = tiles_per_chunk(lay, Hq, R, block_d, q.element_size(), budget)
+    counts = torch.zeros(max(1, -(-lay.NT // chunk_tiles)) * lay.NB * Hq, dtype=torch.int32, device=q.device)
+    routed = packed_route(q, block_means(k, lay), lay, top_k, counts, chunk_tiles)   # counts pairs too
+    sched = schedule(routed, lay, chunk_tiles, counts)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(Hq, lay.T, dtype=torch.float32, device=q.device)
     if lay.T == 0:

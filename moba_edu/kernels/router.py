@@ -26,8 +26,9 @@ row's running top-R in registers (values and indices [QT, RP]): a candidate is i
 beats the row's current R-th best, so after the first few block tiles insertions are rare and the loop
 costs little beside the dot. No [S, N] gate matrix is ever written: the router reads q once and
 writes R int32 per query.
-`_pairs_kernel`: counts the pairs per bucket (first launch), then, after a prefix sum, scatters each
-pair to its bucket through an atomic cursor (second launch).
+`_pairs_kernel`: counts the pairs per bucket (first launch; the forward has the router count them
+instead, one pass over the routing fewer), then, after a prefix sum, scatters each pair to its bucket
+through an atomic cursor (second launch).
 """
 
 from __future__ import annotations
@@ -130,12 +131,13 @@ def _exact_gates(q_pieces, means_t, Q_PIECES: tl.constexpr):
 
 
 @triton.jit
-def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_qs, stride_qh,
-                  T, NB, GROUP, block_size, R,
+def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, counts_ptr, L, stride_qb, stride_qs, stride_qh,
+                  T, NB, GROUP, block_size, R, tiles_per_chunk,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, ROUTED_PAD: tl.constexpr, Q_PIECES: tl.constexpr):
+                  BLOCK_N: tl.constexpr, ROUTED_PAD: tl.constexpr, Q_PIECES: tl.constexpr, COUNT: tl.constexpr):
     """Q_PIECES > 0: gates by `_exact_gates` (GPU); 0: by an ieee float32 `tl.dot` (the interpreter,
-    whose bfloat16 arithmetic is wrong, triton #11584)."""
+    whose bfloat16 arithmetic is wrong, triton #11584). COUNT: also count each pair into its bucket of
+    the schedule (chunks of tiles_per_chunk query tiles), `_pairs_kernel`'s first pass done here."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     token0, pos0, rows, block0 = tile_header(tiles_ptr, tile)
@@ -167,7 +169,11 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, L, stride_qb, stride_
     for r in range(R):
         best = tl.argmax(top_v, axis=1)
         hit = slots[None, :] == best[:, None]
-        tl.store(out_ptrs + r, tl.sum(tl.where(hit, top_i, 0), axis=1), mask=row_ok)  # -1 if never filled
+        j = tl.sum(tl.where(hit, top_i, 0), axis=1)
+        tl.store(out_ptrs + r, j, mask=row_ok)  # -1 if never filled
+        if COUNT:
+            bucket = ((tile // tiles_per_chunk) * NB + block0 + j) * tl.num_programs(1) + h
+            tl.atomic_add(counts_ptr + bucket, 1, mask=row_ok & (j >= 0), sem="relaxed")
         top_v = tl.where(hit, -float("inf"), top_v)
         top_i = tl.where(hit, -1, top_i)
 
@@ -182,10 +188,13 @@ def launch_config(head_dim: int) -> dict:
     return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
 
 
-def packed_route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int) -> torch.Tensor:
+def packed_route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int,
+                 counts: torch.Tensor | None = None, tiles_per_chunk: int = 1) -> torch.Tensor:
     """q [B, Hq, S, D] or [T, Hq, D], means from `block_means` -> routed int32 [Hq, T, R] (layout.py).
 
-    The kernel-side router, on packed tokens; the public `moba_edu.route` is its inspection twin."""
+    The kernel-side router, on packed tokens; the public `moba_edu.route` is its inspection twin.
+    counts int32 [n_chunks * NB * Hq] (zeros), if given: the router also counts each pair into its
+    schedule bucket for chunks of `tiles_per_chunk` query tiles (`schedule(..., counts=counts)`)."""
     Hq, D = q.shape[1], q.shape[-1]
     R = lay.routed_slots(top_k)
     routed = torch.empty(Hq, lay.T, R, dtype=torch.int32, device=q.device)
@@ -193,9 +202,10 @@ def packed_route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int) 
         return routed
     block_d = means.shape[-1]
     q_pieces = 0 if INTERPRET else {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 3)
-    _route_kernel[(lay.NT, Hq)](q, means, routed, lay.tiles, lay.L, *strides(q), lay.T, lay.NB,
-                                Hq // means.shape[0], lay.block_size, R, HEAD_DIM=D, BLOCK_D=block_d,
-                                BLOCK_M=lay.QT, ROUTED_PAD=triton.next_power_of_2(R), Q_PIECES=q_pieces,
+    _route_kernel[(lay.NT, Hq)](q, means, routed, lay.tiles, routed if counts is None else counts, lay.L,
+                                *strides(q), lay.T, lay.NB, Hq // means.shape[0], lay.block_size, R,
+                                tiles_per_chunk, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=lay.QT,
+                                ROUTED_PAD=triton.next_power_of_2(R), Q_PIECES=q_pieces, COUNT=counts is not None,
                                 **launch_config(D))
     return routed
 
@@ -220,19 +230,23 @@ def _pairs_kernel(routed_ptr, tiles_ptr, counts_ptr, slot_ptr, T, NB, Hq, R, til
         tl.atomic_add(counts_ptr + bucket, 1, mask=ok, sem="relaxed")
 
 
-def schedule(routed: torch.Tensor, lay: Layout, tiles_per_chunk: int) -> Schedule:
-    """Build the block-major pair lists of `routed` int32 [Hq, T, R] (layout.py's docstring)."""
+def schedule(routed: torch.Tensor, lay: Layout, tiles_per_chunk: int, counts: torch.Tensor | None = None) -> Schedule:
+    """Build the block-major pair lists of `routed` int32 [Hq, T, R] (layout.py's docstring). counts:
+    the pairs per bucket, where the router counted them (`packed_route(..., counts=...)`, the same
+    tiles_per_chunk); else a counting pass runs first."""
     Hq, T, R = routed.shape
     n_chunks = max(1, -(-lay.NT // tiles_per_chunk))
     n_buckets = n_chunks * lay.NB * Hq
     assert T * Hq * R < 2**31 and n_buckets < 2**31, "pair numbering is int32"
-    counts = torch.zeros(n_buckets, dtype=torch.int32, device=routed.device)
     offsets = torch.zeros(n_buckets + 1, dtype=torch.int32, device=routed.device)
     pair_slot = torch.empty(T * Hq * R, dtype=torch.int32, device=routed.device)
     if R and lay.NT:
         args = (routed, lay.tiles)
         common = dict(BLOCK_M=lay.QT, ROUTED_PAD=triton.next_power_of_2(R))
-        _pairs_kernel[(lay.NT, Hq)](*args, counts, pair_slot, T, lay.NB, Hq, R, tiles_per_chunk, FILL=False, **common)
+        if counts is None:
+            counts = torch.zeros(n_buckets, dtype=torch.int32, device=routed.device)
+            _pairs_kernel[(lay.NT, Hq)](*args, counts, pair_slot, T, lay.NB, Hq, R, tiles_per_chunk, FILL=False,
+                                        **common)
         torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
         cursor = offsets[:-1].clone()
         _pairs_kernel[(lay.NT, Hq)](*args, cursor, pair_slot, T, lay.NB, Hq, R, tiles_per_chunk, FILL=True, **common)
