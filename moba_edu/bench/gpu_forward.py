@@ -7,7 +7,8 @@ moba_fwd        the Triton MoBA forward (impl="triton") and its router alone, S 
                 density, density bound, router floor, peak and extra memory, speed-ups over cuDNN,
                 FlashAttention-2 and (up to 32K) the torch rung. Measures the ceilings (floors.py) and
                 the `dense_sdpa` point it needs where they are missing from the output folder.
-moba_fwd_tiles  the routed kernel's tile sizes, warps and stages at four shapes (how they were chosen).
+moba_fwd_tiles  tile sizes, warps and stages of the routed, own-block and router kernels at a few shapes each
+                (TILE_SWEEPS: how launch_config was chosen).
 moba_fwd_hdim   the forward and its router at head dims 192 and 256 (S = 32K and 128K, (512, 3), 16
                 heads) against dense causal SDPA at the same head dim; a backend that does not take a
                 head dim is recorded as `<backend>_error` (torch's FlashAttention-2 takes up to 256;
@@ -184,26 +185,47 @@ def plot_moba(records: list[dict], out_dir: Path) -> list[Path]:
 register(Suite("moba_fwd", "gpu", moba_points, measure_moba, plot_moba))
 
 
+# Tile sweeps: kernel -> (tiles (BLOCK_M, BLOCK_N, warps, stages), shapes (S, block_size, top_k)). The own-block
+# and router kernels' BLOCK_M is the layout's query tile (64).
+TILE_SWEEPS = {
+    "routed": ([(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2),
+                (64, 128, 4, 2), (128, 64, 8, 2)],
+               [(131072, 512, 3), (32768, 4096, 12), (131072, 128, 8), (32768, 512, 3)]),
+    "own": ([(64, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2),
+             (64, 32, 8, 2)],
+            [(131072, 512, 3), (131072, 128, 8), (131072, 4096, 12), (32768, 512, 3)]),
+    "router": ([(64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
+               [(131072, 128, 8), (524288, 128, 8), (131072, 512, 3)]),
+}
+
+
 def tile_points() -> list[tuple[str, dict]]:
-    """The routed kernel's tiles (BLOCK_M, BLOCK_N, warps, stages), at four shapes."""
-    tiles = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2),
-             (64, 128, 4, 2), (128, 64, 8, 2)]
-    shapes = [(131072, 512, 3), (32768, 4096, 12), (131072, 128, 8), (32768, 512, 3)]
-    return [(point_name(S=S, block_size=bs, top_k=k, tile=tile), dict(S=S, block_size=bs, top_k=k, tile=tile))
-            for S, bs, k in shapes for tile in tiles]
+    """Each kernel's tiles at its shapes (TILE_SWEEPS); the routed kernel's points carry no kernel word."""
+    return [(point_name(None if kernel == "routed" else kernel, S=S, block_size=bs, top_k=k, tile=tile),
+             dict(kernel=kernel, S=S, block_size=bs, top_k=k, tile=tile))
+            for kernel, (tiles, shapes) in TILE_SWEEPS.items() for S, bs, k in shapes for tile in tiles]
 
 
 def measure_tiles(params: dict, out_dir: Path) -> dict:
+    """The whole forward with one kernel's tile changed (routed, own), or the router alone (router)."""
+    from moba_edu.kernels import router
+    from moba_edu.kernels.layout import layout
     from moba_edu.kernels.moba_fwd import launch_config, moba_forward
 
-    S, bs, top_k, (m, n, w, st) = (params[key] for key in ("S", "block_size", "top_k", "tile"))
+    kernel, S, bs, top_k, (m, n, w, st) = (params[key] for key in ("kernel", "S", "block_size", "top_k", "tile"))
     q, k, v = qkv(S, *HEADS)
-    config = dict(launch_config(GPU_HEAD_DIM), routed=dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st))
+    tile = dict(BLOCK_N=n, num_warps=w, num_stages=st)
     with torch.inference_mode():
-        ms = do_bench_ms(lambda: moba_forward(q, k, v, (S,), bs, top_k, GPU_HEAD_DIM ** -0.5, config=config))
-    print(f"  tile {params['tile']}: {ms:.4g} ms", flush=True)
-    return {"shape": dict(B=1, Hq=HEADS[0], Hkv=HEADS[1], S=S, D=GPU_HEAD_DIM), "block_size": bs,
-            "top_k": top_k, "tile": dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st), "moba_ms": ms}
+        if kernel == "router":
+            lay = layout((S,), bs, q.device, True)
+            ms = do_bench_ms(lambda: router.packed_route(q, router.block_means(k, lay), lay, top_k, config=tile))
+        else:
+            config = dict(launch_config(GPU_HEAD_DIM), **{kernel: dict(tile, BLOCK_M=m) if kernel == "routed" else tile})
+            ms = do_bench_ms(lambda: moba_forward(q, k, v, (S,), bs, top_k, GPU_HEAD_DIM ** -0.5, config=config))
+    print(f"  {kernel} tile {params['tile']}: {ms:.4g} ms", flush=True)
+    return {"shape": dict(B=1, Hq=HEADS[0], Hkv=HEADS[1], S=S, D=GPU_HEAD_DIM), "block_size": bs, "top_k": top_k,
+            "kernel": kernel, "tile": dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st),
+            ("router_ms" if kernel == "router" else "moba_ms"): ms}
 
 
 register(Suite("moba_fwd_tiles", "gpu", tile_points, measure_tiles))

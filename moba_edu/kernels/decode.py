@@ -68,7 +68,7 @@ def _route_kernel(q_ptr, means_ptr, table_ptr, start_ptr, len_ptr, routed_ptr,
         means_t = tl.load(means_ptr + ((page.to(tl.int64) * Hkv + hk) * HEAD_DIM)[None, :] + offs_d[:, None],
                           mask=(j < n_eligible)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
         if Q_PIECES > 0:
-            gates = _exact_gates(q_pieces, means_t, Q_PIECES)
+            gates = _exact_gates(q_pieces, _bf16_pieces(means_t), Q_PIECES)
         else:
             gates = tl.dot(q, means_t, input_precision="ieee")      # [BM, BN] float32, unscaled
         gates = tl.where(row_ok[:, None] & (j[None, :] < own[:, None]), gates, -float("inf"))

@@ -47,8 +47,10 @@ from .layout import (LOG2E, LOG2E_K, Layout, Schedule, default_partial_budget, r
                      tiles_per_chunk)
 from .router import schedule
 
-# The block size from which the routed dQ is summed per slot rather than by atomic adds (launch_config).
-SLOTS_FROM_BLOCK = 256
+# The block size from which the routed dQ is summed per slot rather than by atomic adds (launch_config): on
+# the H200 per slot was 14% faster at (4096, 12) and 32K tokens, 6-60% slower at (512, 3) and (128, 8)
+# (figures/bench/h200/bwd_dq-*.json).
+SLOTS_FROM_BLOCK = 4096
 
 
 @triton.jit

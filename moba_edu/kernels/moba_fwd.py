@@ -169,7 +169,10 @@ def launch_config(head_dim: int) -> dict:
     if head_dim > 128:
         return dict(routed=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
                     own=dict(BLOCK_N=32, num_warps=8, num_stages=2))
-    return dict(routed=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3),
+    if head_dim <= 64:
+        return dict(routed=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+                    own=dict(BLOCK_N=64, num_warps=8, num_stages=3))
+    return dict(routed=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                 own=dict(BLOCK_N=64, num_warps=8, num_stages=3))
 
 

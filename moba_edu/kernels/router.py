@@ -8,7 +8,7 @@ ones, query head h reading key head h // g, blocks restarting at every sequence.
 How the float32 gates are computed. Under the interpreter: `tl.dot(..., input_precision="ieee")`.
 On a GPU that FMA dot ran 10-17x over the router's floor on the H200 (notes/gpu_forward.md), so the
 gates run on the tensor cores *exactly*: each float32 mean is split into three bfloat16 pieces whose
-sum is the mean exactly, q (bfloat16) is one piece (float16: two, float32: three), every product of
+sum is the mean exactly (once per call, `means_pieces`), q (bfloat16) is one piece (float16: two, float32: three), every product of
 two bfloat16 pieces is exact in float32 and the tensor cores accumulate in float32. Only the
 accumulation rounds, as in the FMA dot; TF32 instead rounds both operands to 11 bits
 (`_exact_gates`). docs/design.md §1 names the ieee dot; this computes the same float32 dot product.
@@ -108,15 +108,24 @@ def _bf16_pieces(x):
     return hi, mid, (rest - mid.to(tl.float32)).to(tl.bfloat16)
 
 
+def means_pieces(means: torch.Tensor) -> torch.Tensor:
+    """float32 means [Hkv, NB, BD] -> bfloat16 [3, Hkv, NB, BD], the (hi, mid, lo) of `_bf16_pieces`
+    (both round to nearest even), split once per call instead of once per router program and tile."""
+    hi = means.to(torch.bfloat16)
+    rest = means - hi.float()
+    mid = rest.to(torch.bfloat16)
+    return torch.stack([hi, mid, (rest - mid.float()).to(torch.bfloat16)])
+
+
 @triton.jit
-def _exact_gates(q_pieces, means_t, Q_PIECES: tl.constexpr):
+def _exact_gates(q_pieces, m_pieces, Q_PIECES: tl.constexpr):
     """[BM, BN] float32 gates q . mean on the tensor cores, as a float32 dot product: the means
-    [BD, BN] are split into three bfloat16 pieces, q into Q_PIECES (1 for bfloat16, 2 for float16, 3
-    for float32 inputs), every product of bfloat16 pieces is exact in float32 and the tensor cores
-    accumulate in float32, so only the accumulation rounds, as in an FMA dot (and unlike TF32, which
-    rounds the operands to 11 bits). Smallest terms first."""
+    [BD, BN] come as three bfloat16 pieces (`_bf16_pieces`), q as Q_PIECES (1 for bfloat16, 2 for
+    float16, 3 for float32 inputs), every product of bfloat16 pieces is exact in float32 and the tensor
+    cores accumulate in float32, so only the accumulation rounds, as in an FMA dot (and unlike TF32,
+    which rounds the operands to 11 bits). Smallest terms first."""
     q_hi, q_mid, q_lo = q_pieces
-    m_hi, m_mid, m_lo = _bf16_pieces(means_t)
+    m_hi, m_mid, m_lo = m_pieces
     gates = tl.dot(q_hi, m_lo, tl.zeros((q_hi.shape[0], m_hi.shape[1]), tl.float32))
     if Q_PIECES >= 3:
         gates = tl.dot(q_lo, m_lo, gates)
@@ -132,11 +141,12 @@ def _exact_gates(q_pieces, means_t, Q_PIECES: tl.constexpr):
 
 @triton.jit
 def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, counts_ptr, L, stride_qb, stride_qs, stride_qh,
-                  T, NB, GROUP, block_size, R, tiles_per_chunk,
+                  T, NB, GROUP, block_size, R, tiles_per_chunk, PIECE,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, ROUTED_PAD: tl.constexpr, Q_PIECES: tl.constexpr, COUNT: tl.constexpr):
-    """Q_PIECES > 0: gates by `_exact_gates` (GPU); 0: by an ieee float32 `tl.dot` (the interpreter,
-    whose bfloat16 arithmetic is wrong, triton #11584). COUNT: also count each pair into its bucket of
+    """Q_PIECES > 0: gates by `_exact_gates` (GPU) from the means' bfloat16 pieces (`means_pieces`, PIECE
+    elements apart); 0: by an ieee float32 `tl.dot` of the float32 means (the interpreter, whose
+    bfloat16 arithmetic is wrong, triton #11584). COUNT: also count each pair into its bucket of
     the schedule (chunks of tiles_per_chunk query tiles), `_pairs_kernel`'s first pass done here."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -156,11 +166,14 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, counts_ptr, L, stride
     means_base = means_ptr + ((h // GROUP) * NB + block0).to(tl.int64) * BLOCK_D
     for j0 in range(0, own, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        means_t = tl.load(means_base + j[None, :] * BLOCK_D + offs_d[:, None], mask=(j < own)[None, :], other=0.0)
+        means_t = means_base + j[None, :] * BLOCK_D + offs_d[:, None]    # [BD, BN] addresses
+        eligible = (j < own)[None, :]
         if Q_PIECES > 0:
-            gates = _exact_gates(q_pieces, means_t, Q_PIECES)
+            m_pieces = (tl.load(means_t, mask=eligible, other=0.0), tl.load(means_t + PIECE, mask=eligible, other=0.0),
+                        tl.load(means_t + 2 * PIECE, mask=eligible, other=0.0))
+            gates = _exact_gates(q_pieces, m_pieces, Q_PIECES)
         else:
-            gates = tl.dot(q, means_t, input_precision="ieee")      # [BM, BN] float32, unscaled
+            gates = tl.dot(q, tl.load(means_t, mask=eligible, other=0.0), input_precision="ieee")   # [BM, BN] float32
         gates = tl.where(row_ok[:, None] & (j < own)[None, :], gates, -float("inf"))
         top_v, top_i = _insert(gates, j0, top_v, top_i, ROUTED_PAD, BLOCK_N)
     # Emit by descending gate: R passes of "take the row's best remaining slot".
@@ -188,13 +201,14 @@ def launch_config(head_dim: int) -> dict:
     return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
 
 
-def packed_route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int,
-                 counts: torch.Tensor | None = None, tiles_per_chunk: int = 1) -> torch.Tensor:
+def packed_route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int, counts: torch.Tensor | None = None,
+                 tiles_per_chunk: int = 1, config: dict | None = None) -> torch.Tensor:
     """q [B, Hq, S, D] or [T, Hq, D], means from `block_means` -> routed int32 [Hq, T, R] (layout.py).
 
     The kernel-side router, on packed tokens; the public `moba_edu.route` is its inspection twin.
     counts int32 [n_chunks * NB * Hq] (zeros), if given: the router also counts each pair into its
-    schedule bucket for chunks of `tiles_per_chunk` query tiles (`schedule(..., counts=counts)`)."""
+    schedule bucket for chunks of `tiles_per_chunk` query tiles (`schedule(..., counts=counts)`).
+    config overrides `launch_config` (the benchmark's tile sweep)."""
     Hq, D = q.shape[1], q.shape[-1]
     R = lay.routed_slots(top_k)
     routed = torch.empty(Hq, lay.T, R, dtype=torch.int32, device=q.device)
@@ -202,11 +216,11 @@ def packed_route(q: torch.Tensor, means: torch.Tensor, lay: Layout, top_k: int,
         return routed
     block_d = means.shape[-1]
     q_pieces = 0 if INTERPRET else {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 3)
-    _route_kernel[(lay.NT, Hq)](q, means, routed, lay.tiles, routed if counts is None else counts, lay.L,
-                                *strides(q), lay.T, lay.NB, Hq // means.shape[0], lay.block_size, R,
-                                tiles_per_chunk, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=lay.QT,
-                                ROUTED_PAD=triton.next_power_of_2(R), Q_PIECES=q_pieces, COUNT=counts is not None,
-                                **launch_config(D))
+    _route_kernel[(lay.NT, Hq)](q, means_pieces(means) if q_pieces else means, routed, lay.tiles,
+                                routed if counts is None else counts, lay.L, *strides(q), lay.T, lay.NB,
+                                Hq // means.shape[0], lay.block_size, R, tiles_per_chunk, means.numel(),
+                                HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=lay.QT, ROUTED_PAD=triton.next_power_of_2(R),
+                                Q_PIECES=q_pieces, COUNT=counts is not None, **(config or launch_config(D)))
     return routed
 
 
