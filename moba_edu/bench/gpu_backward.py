@@ -13,7 +13,7 @@ moba_fwd_bwd  forward + backward of impl="triton" against dense causal SDPA forw
 moba_bwd_hdim forward + backward at head dims 192 and 256 (gpu_forward's head_dim_points: S = 32K
               and 128K, (512, 3), 16 heads) against dense causal SDPA forward + backward at the same head
               dim (a backend that does not take it: `<backend>_error`).
-bwd_tiles     the backward alone at S = 32K, (512, 3), 16 heads, for a few tile shapes, each checked
+bwd_tiles     the backward alone at 32K (512, 3), 128K (512, 3) and (128, 8), 16 heads, for a few tile shapes, each checked
               against the default's gradients: the sweep that chose moba_bwd.launch_config.
 bwd_dq        the backward alone with the routed dQ by atomic adds and per slot (a few tiles of the
               per-slot kernel), and in deterministic mode, at 32K and 128K for each configuration
@@ -42,7 +42,8 @@ CONFIGS = ((512, 3), (128, 8), (4096, 12))
 GROUPED = ((32, 8), (32768, 131072))
 BACKWARD_GOAL = dict(S=131072, block_size=512, top_k=3, speedup=12.0)
 TILES = tuple(dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
-              for m, n, w, st in ((32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 64, 4, 2)))
+              for m, n, w, st in ((32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 64, 4, 2),
+                                  (32, 64, 4, 2), (64, 64, 4, 3)))
 
 
 def fwd_bwd_ms(forward, leaves, do, calls: int = 3) -> dict:
@@ -229,7 +230,8 @@ def sweep(run, variants: list[dict]) -> list[dict]:
     return rows
 
 
-register(Suite("bwd_tiles", "gpu", lambda: [moba_point(32768, 16, 16, 512, 3)], measure_tiles))
+register(Suite("bwd_tiles", "gpu", lambda: [moba_point(S, 16, 16, bs, k) for S, bs, k in
+                                             ((32768, 512, 3), (131072, 512, 3), (131072, 128, 8))], measure_tiles))
 
 DQ_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2))
 

@@ -173,7 +173,7 @@ def launch_config(head_dim: int) -> dict:
         return dict(routed=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
                     own=dict(BLOCK_N=64, num_warps=8, num_stages=3))
     return dict(routed=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                own=dict(BLOCK_N=64, num_warps=8, num_stages=3))
+                own=dict(BLOCK_N=64, num_warps=4, num_stages=3))
 
 
 def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple, block_size: int,
