@@ -285,9 +285,10 @@ def launch_config(head_dim: int, block_size: int) -> dict:
     """Tiles, warps and the routed dQ's path per head dim and block size.
 
     dK/dV and dQ kernels (BLOCK_M, BLOCK_N, num_warps, num_stages). Under the interpreter the smallest
-    tiles tl.dot takes. On a GPU up to head dim 128 (the H200 sweep in figures/bench/h200/bwd_tiles-*.json),
+    tiles tl.dot takes. On a GPU up to head dim 128 (the H200 sweeps in figures/bench/h200/bwd_tiles-*.json),
     key tiles of 128 keys with float32 dK and dV [128, D] in registers of 8 warps, and query tiles of 32
-    streaming past: FlashAttention-2's Triton backward shape. Past 128 (BLOCK_D = 256; 160 and 192
+    streaming past, 3 stages: FlashAttention-2's Triton backward shape (3 stages against 2: 10-11% faster
+    at 128K with (512, 3) and (128, 8)). Past 128 (BLOCK_D = 256; 160 and 192
     padded) dK and dV of 64 keys spill 136-848 B per thread (sm_90): 32 x 32 tiles compile without
     spills in every kernel, and on 4 warps ran fastest of five shapes on the H200 at D = 256 (13.9 ms
     against 23.5 on 8 warps; notes/gpu_backward.md). The dQ kernel's query tile is the router's (64).
@@ -304,7 +305,7 @@ def launch_config(head_dim: int, block_size: int) -> dict:
     if head_dim > 128:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, DQ=dq,
                     dq_routed=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2))
-    return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2, DQ=dq,
+    return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, DQ=dq,
                 dq_routed=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
 
 
