@@ -3,9 +3,9 @@
 moba_fwd_bwd  forward + backward of impl="triton" against dense causal SDPA forward + backward (cuDNN
               and FlashAttention-2 backends, same process): B = 1, head dim 128, bf16; S in 8K, 32K,
               128K; (block_size, top_k) in (512, 3), (128, 8), (4096, 12); grouped 32 / 8 heads at
-              32K and 128K (dense on repeated k, v: the same FLOPs); and the long point LONG, 512K
-              (128, 8), against cuDNN alone, one CUDA-event call after a warm-up. 1M (4096, 12) is
-              left out: with dense cuDNN's forward + backward beside it, it took over 150 s of a lease. Per point: forward, backward
+              32K and 128K (dense on repeated k, v: the same FLOPs); and the long points LONG, 512K
+              (128, 8) and 1M (4096, 12), against cuDNN alone, one CUDA-event call after a warm-up (the
+              dense 1M forward + backward takes about half a minute per call). Per point: forward, backward
               (total - forward) and total times; density; the backward's floor (`cost.backward_cost`:
               its useful FLOPs at the measured bf16 rate, or its bytes at the measured copy bandwidth,
               whichever is larger); the FLOPs the kernels really do; peak memory of forward + backward
@@ -13,8 +13,8 @@ moba_fwd_bwd  forward + backward of impl="triton" against dense causal SDPA forw
 moba_bwd_hdim forward + backward at head dims 192 and 256 (gpu_forward's head_dim_points: S = 32K
               and 128K, (512, 3), 16 heads) against dense causal SDPA forward + backward at the same head
               dim (a backend that does not take it: `<backend>_error`).
-bwd_tiles     the backward alone at 32K (512, 3), 128K (512, 3) and (128, 8), 16 heads, for a few tile shapes, each checked
-              against the default's gradients: the sweep that chose moba_bwd.launch_config.
+bwd_tiles     the backward alone at 32K (512, 3), 128K (512, 3) and (128, 8), 16 heads, for a few tile
+              shapes, each checked against the first's gradients: the sweep that chose moba_bwd.launch_config.
 bwd_dq        the backward alone with the routed dQ by atomic adds and per slot (a few tiles of the
               per-slot kernel), and in deterministic mode, at 32K and 128K for each configuration
               (128K (4096, 12) left out: half a second per call), each checked against the atomic
@@ -37,7 +37,7 @@ from .gpu_forward import head_dim_points
 from .harness import GPU_HEAD_DIM, Suite, cuda_peak_bytes, gpu_ms, moba_point, qkv, register, sdpa_backends
 
 SIZES = (8192, 32768, 131072)
-LONG = ((524288, 128, 8),)   # (S, block_size, top_k)
+LONG = ((524288, 128, 8), (1048576, 4096, 12))   # (S, block_size, top_k)
 CONFIGS = ((512, 3), (128, 8), (4096, 12))
 GROUPED = ((32, 8), (32768, 131072))
 BACKWARD_GOAL = dict(S=131072, block_size=512, top_k=3, speedup=12.0)

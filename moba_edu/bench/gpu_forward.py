@@ -196,29 +196,14 @@ TILE_SWEEPS = {
             [(131072, 512, 3), (131072, 128, 8), (131072, 4096, 12), (32768, 512, 3)]),
     "router": ([(64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
                [(131072, 128, 8), (524288, 128, 8), (131072, 512, 3)]),
-    # moba_fwd._routed_small_kernel (blocks of up to 128 keys), tiles of pairs per program in SMALL_PER_PROGRAM;
-    # per_program 0: the small path off (the general routed kernel).
-    "small": ([(64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2), (128, 128, 8, 3)],
-              [(131072, 128, 8), (32768, 128, 8)]),
 }
-SMALL_PER_PROGRAM = (1, 2, 4, 8)
 
 
 def tile_points() -> list[tuple[str, dict]]:
     """Each kernel's tiles at its shapes (TILE_SWEEPS); the routed kernel's points carry no kernel word."""
-    points = []
-    for kernel, (tiles, shapes) in TILE_SWEEPS.items():
-        for S, bs, k in shapes:
-            if kernel == "small":
-                points.append((point_name("small", S=S, block_size=bs, top_k=k, per_program=0),
-                               dict(kernel=kernel, S=S, block_size=bs, top_k=k, tile=tiles[0], per_program=0)))
-            for tile in tiles:
-                for g in SMALL_PER_PROGRAM if kernel == "small" else (None,):
-                    extra = {} if g is None else dict(per_program=g)
-                    points.append((point_name(None if kernel == "routed" else kernel, S=S, block_size=bs, top_k=k,
-                                              tile=tile, **extra), dict(kernel=kernel, S=S, block_size=bs, top_k=k,
-                                                                       tile=tile, **extra)))
-    return points
+    return [(point_name(None if kernel == "routed" else kernel, S=S, block_size=bs, top_k=k, tile=tile),
+             dict(kernel=kernel, S=S, block_size=bs, top_k=k, tile=tile))
+            for kernel, (tiles, shapes) in TILE_SWEEPS.items() for S, bs, k in shapes for tile in tiles]
 
 
 def measure_tiles(params: dict, out_dir: Path) -> dict:
@@ -234,17 +219,12 @@ def measure_tiles(params: dict, out_dir: Path) -> dict:
         if kernel == "router":
             lay = layout((S,), bs, q.device, True)
             ms = do_bench_ms(lambda: router.packed_route(q, router.block_means(k, lay), lay, top_k, config=tile))
-        elif kernel == "small":
-            g = params["per_program"]
-            config = dict(launch_config(GPU_HEAD_DIM), small=dict(tile, BLOCK_M=m, TILES=g) if g else None)
-            ms = do_bench_ms(lambda: moba_forward(q, k, v, (S,), bs, top_k, GPU_HEAD_DIM ** -0.5, config=config))
         else:
             config = dict(launch_config(GPU_HEAD_DIM), **{kernel: dict(tile, BLOCK_M=m) if kernel == "routed" else tile})
             ms = do_bench_ms(lambda: moba_forward(q, k, v, (S,), bs, top_k, GPU_HEAD_DIM ** -0.5, config=config))
-    print(f"  {kernel} tile {params['tile']} {params.get('per_program', '')}: {ms:.4g} ms", flush=True)
+    print(f"  {kernel} tile {params['tile']}: {ms:.4g} ms", flush=True)
     return {"shape": dict(B=1, Hq=HEADS[0], Hkv=HEADS[1], S=S, D=GPU_HEAD_DIM), "block_size": bs, "top_k": top_k,
             "kernel": kernel, "tile": dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st),
-            "per_program": params.get("per_program"),
             ("router_ms" if kernel == "router" else "moba_ms"): ms}
 
 

@@ -71,14 +71,13 @@ def suites(device: str) -> list[Suite]:
 
 
 _TAGS = (("S", "S{}"), ("block_size", "bs{}"), ("top_k", "k{}"), ("heads", "h{}x{}"), ("head_dim", "d{}"),
-         ("B", "B{}"), ("tile", "m{}n{}w{}s{}"), ("per_program", "g{}"))
+         ("B", "B{}"), ("tile", "m{}n{}w{}s{}"))
 
 
 def point_name(what: str | None = None, **params) -> str:
     """A point's name: an optional leading word (an impl, a control), then the parameters, tagged, in a
     fixed order: S{S}, bs{block_size}, k{top_k}, h{Hq}x{Hkv} (heads), d{D} (head dim; suites at GPU_HEAD_DIM leave
-    it out), B{B} (batch size; suites of B = 1 leave it out), m{BLOCK_M}n{BLOCK_N}w{warps}s{stages} (tile),
-    g{tiles per program} (per_program).
+    it out), B{B} (batch size; suites of B = 1 leave it out), m{BLOCK_M}n{BLOCK_N}w{warps}s{stages} (tile).
     point_name(S=8192, block_size=512, top_k=3, heads=(16, 16)) == "S8192-bs512-k3-h16x16"."""
     unknown = set(params) - {tag for tag, _ in _TAGS}
     if unknown:

@@ -96,55 +96,6 @@ def _routed_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slo
 
 
 @triton.jit
-def _routed_small_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, pair_offsets, pair_slot, tile_offsets, tile_bucket,
-                         blocks_ptr, L, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                         stride_vb, stride_vs, stride_vh, Hq, GROUP, R, NB, chunk, chunk_token0, chunk_len,
-                         bucket_lo, bucket_hi, qk_scale,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, TILES: tl.constexpr):
-    """`_routed_kernel` for blocks of at most BLOCK_N keys: one program runs TILES consecutive tiles of
-    routed pairs, each against its whole block in a single step (one key tile: no running rescale). With
-    small blocks a tile's work is short beside its loads (its pairs, gathered queries, the block's keys
-    and values) and its stores; here the loop over tiles is the one the compiler pipelines (STAGES), so
-    the next tile's loads run under this tile's products instead of each program waiting on its own."""
-    start = tl.load(tile_offsets + bucket_lo)
-    end = tl.load(tile_offsets + bucket_hi)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = (offs_d < HEAD_DIM)[None, :]
-    for i in range(TILES):
-        tile = start + tl.program_id(0) * TILES + i
-        live = tile < end                                     # past the chunk's tiles: loads masked, no store
-        tile = tl.maximum(tl.minimum(tile, end - 1), 0)
-        lo = tl.load(tile_bucket + tile)
-        h = lo % Hq
-        b = lo // Hq - chunk * NB
-        first = tl.load(pair_offsets + lo) + (tile - tl.load(tile_offsets + lo)) * BLOCK_M
-        row_ok = first + offs_m < tl.where(live, tl.load(pair_offsets + lo + 1), 0)
-        slot = tl.load(pair_slot + first + offs_m, mask=row_ok, other=0)
-        t = slot // R
-        q = tl.load(q_ptr + row_offset(t, h, L, stride_qb, stride_qs, stride_qh)[:, None] + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok, other=0.0)
-        key0 = tl.load(blocks_ptr + 2 * b)
-        length = tl.load(blocks_ptr + 2 * b + 1)
-        k_block = k_ptr + row_offset(key0, h // GROUP, L, stride_kb, stride_ks, stride_kh)
-        v_block = v_ptr + row_offset(key0, h // GROUP, L, stride_vb, stride_vs, stride_vh)
-        # The whole block in one attend_tile step; its diagonal mask, with every query placed at the
-        # block's last key, hides the keys past a short block (as in _routed_kernel).
-        acc, m_i, l_i = attend_tile(tl.zeros((BLOCK_M, BLOCK_D), tl.float32),
-                                    tl.full((BLOCK_M,), -float("inf"), tl.float32), tl.zeros((BLOCK_M,), tl.float32),
-                                    q, k_block + offs_n[:, None] * stride_ks + offs_d[None, :],
-                                    v_block + offs_n[:, None] * stride_vs + offs_d[None, :],
-                                    tl.full((BLOCK_M,), 0, tl.int32) + length - 1, offs_n, offs_d, length, qk_scale,
-                                    HEAD_DIM, DIAGONAL=True)
-        part = (h * chunk_len + (t - chunk_token0)).to(tl.int64) * R + slot % R
-        tl.store(po_ptr + part[:, None] * BLOCK_D + offs_d[None, :], (acc / l_i[:, None]).to(po_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
-        tl.store(plse_ptr + part, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
-
-
-@triton.jit
 def _own_block_merge_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, routed_ptr, po_ptr, plse_ptr, tiles_ptr,
                       L, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                       stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
@@ -214,7 +165,7 @@ def launch_config(head_dim: int) -> dict:
     96 KB, 240 B of stack), notes/gpu_forward.md's compile table. Under the interpreter, 16 x 16 tiles
     keep tests quick."""
     if INTERPRET:
-        return dict(routed=dict(BLOCK_M=16, BLOCK_N=16), own=dict(BLOCK_N=16), small=dict(BLOCK_M=16, BLOCK_N=16, TILES=2))
+        return dict(routed=dict(BLOCK_M=16, BLOCK_N=16), own=dict(BLOCK_N=16))
     if head_dim > 128:
         return dict(routed=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
                     own=dict(BLOCK_N=32, num_warps=8, num_stages=2))
@@ -222,8 +173,7 @@ def launch_config(head_dim: int) -> dict:
         return dict(routed=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
                     own=dict(BLOCK_N=64, num_warps=8, num_stages=3))
     return dict(routed=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                own=dict(BLOCK_N=64, num_warps=4, num_stages=3),
-                small=dict(BLOCK_M=64, BLOCK_N=128, TILES=4, num_warps=4, num_stages=3))
+                own=dict(BLOCK_N=64, num_warps=4, num_stages=3))
 
 
 def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple, block_size: int,
@@ -254,13 +204,6 @@ def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tup
     partial_lse = torch.empty(Hq, chunk_len, R, dtype=torch.float32, device=q.device)
     config = config or launch_config(D)
     routed_cfg, own_cfg = config["routed"], config["own"]
-    small = config.get("small")
-    if small is not None and block_size <= small["BLOCK_N"]:        # the whole block in one key tile
-        routed_cfg = dict(small, BLOCK_N=max(16, triton.next_power_of_2(block_size)))
-        routed_kernel, per_program = _routed_small_kernel, routed_cfg["TILES"]
-    else:
-        routed_kernel, per_program = _routed_kernel, 1
-        routed_cfg = dict(routed_cfg, RAGGED=block_size % routed_cfg["BLOCK_N"] != 0, block_size=block_size)
     tile_offsets, tile_bucket = sched.tile_table(routed_cfg["BLOCK_M"]) if R else (None, None)
     qk_scale = scale * LOG2E
     dims = dict(HEAD_DIM=D, BLOCK_D=block_d)
@@ -270,10 +213,12 @@ def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tup
         bucket_lo, bucket_hi = sched.buckets(c)
         if R:
             most_tiles = -(-(token1 - token0) * Hq * R // routed_cfg["BLOCK_M"]) + lay.NB * Hq
-            routed_kernel[(triton.cdiv(most_tiles, per_program),)](
+            _routed_kernel[(most_tiles,)](
                 q, k, v, partial_o, partial_lse, sched.pair_offsets, sched.pair_slot, tile_offsets, tile_bucket,
-                lay.blocks, lay.L, *qkv_strides, Hq, Hq // k.shape[1], R, lay.NB, c, token0, chunk_len,
-                bucket_lo, bucket_hi, qk_scale=qk_scale, **dims, **routed_cfg)
+                lay.blocks,
+                lay.L, *qkv_strides, Hq, Hq // k.shape[1], R, lay.NB, c, token0, chunk_len,
+                bucket_lo, bucket_hi, block_size, qk_scale, RAGGED=block_size % routed_cfg["BLOCK_N"] != 0,
+                **dims, **routed_cfg)
         tile0 = c * sched.tiles_per_chunk
         n_tiles = min(lay.NT, tile0 + sched.tiles_per_chunk) - tile0
         _own_block_merge_kernel[(n_tiles, Hq)](
