@@ -4,8 +4,8 @@ moba_fwd_bwd  forward + backward of impl="triton" against dense causal SDPA forw
               and FlashAttention-2 backends, same process): B = 1, head dim 128, bf16; S in 8K, 32K,
               128K; (block_size, top_k) in (512, 3), (128, 8), (4096, 12); grouped 32 / 8 heads at
               32K and 128K (dense on repeated k, v: the same FLOPs); and the long points LONG, 512K
-              (128, 8) and 1M (4096, 12), against cuDNN alone, one CUDA-event call after a warm-up (the
-              dense 1M forward + backward takes about half a minute per call). Per point: forward, backward
+              (128, 8) and 1M (4096, 12), against cuDNN alone, MoBA and cuDNN each one CUDA-event call
+              after a warm-up (the dense 1M forward + backward takes about half a minute per call). Per point: forward, backward
               (total - forward) and total times; density; the backward's floor (`cost.backward_cost`:
               its useful FLOPs at the measured bf16 rate, or its bytes at the measured copy bandwidth,
               whichever is larger); the FLOPs the kernels really do; peak memory of forward + backward
@@ -98,7 +98,7 @@ def measure_fwd_bwd(params: dict, out_dir: Path) -> dict:
     counts = cost.routed_pair_counts(routed, S, bs)
     del routed
     moba = fwd_bwd_ms(lambda q, k, v: me.moba_attention(q, k, v, block_size=bs, top_k=top_k, impl="triton"),
-                      [q, k, v], do)
+                      [q, k, v], do, calls=1 if S > max(SIZES) else 3)
     for x in (q, k, v):
         x.grad = None
     peak = cuda_peak_bytes(lambda: me.moba_attention(q, k, v, block_size=bs, top_k=top_k, impl="triton").backward(do))
