@@ -31,7 +31,7 @@ TAG = r"(?:S\d+|bs\d+|k\d+|h\d+x\d+|d\d+|B\d+|m\d+n\d+w\d+s\d+)"
 POINT = re.compile(rf"(?:[a-z][a-z0-9_]*|{TAG})(?:-{TAG})*")
 EXPECTED = {"cpu": ["torch_vs_naive", "explorer"],
             "gpu": ["ceilings", "dense_sdpa", "moba_fwd", "moba_fwd_tiles", "moba_fwd_hdim", "moba_fwd_bwd",
-                    "moba_bwd_hdim", "bwd_tiles", "decode"]}
+                    "moba_bwd_hdim", "bwd_tiles", "bwd_dq", "kernel_split", "decode"]}
 # Registered suites whose GPU run is not committed yet (remove a name once its JSON is).
 NOT_MEASURED_YET = set()
 

@@ -185,17 +185,19 @@ def plot_moba(records: list[dict], out_dir: Path) -> list[Path]:
 register(Suite("moba_fwd", "gpu", moba_points, measure_moba, plot_moba))
 
 
-# Tile sweeps: kernel -> (tiles (BLOCK_M, BLOCK_N, warps, stages), shapes (S, block_size, top_k)). The own-block
-# and router kernels' BLOCK_M is the layout's query tile (64).
+# Tile sweeps: kernel -> [(tiles (BLOCK_M, BLOCK_N, warps, stages), shapes (S, block_size, top_k)), ...]. The
+# own-block and router kernels' BLOCK_M is the layout's query tile (64).
 TILE_SWEEPS = {
-    "routed": ([(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2),
-                (64, 128, 4, 2), (128, 64, 8, 2)],
-               [(131072, 512, 3), (32768, 4096, 12), (131072, 128, 8), (32768, 512, 3)]),
-    "own": ([(64, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2),
-             (64, 32, 8, 2)],
-            [(131072, 512, 3), (131072, 128, 8), (131072, 4096, 12), (32768, 512, 3)]),
-    "router": ([(64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
-               [(131072, 128, 8), (524288, 128, 8), (131072, 512, 3)]),
+    "routed": [([(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)],
+                [(131072, 512, 3), (32768, 4096, 12)]),
+               ([(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2),
+                 (64, 128, 4, 2), (128, 64, 8, 2)],
+                [(131072, 128, 8), (32768, 512, 3)])],
+    "own": [([(64, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2),
+              (64, 32, 8, 2)],
+             [(131072, 512, 3), (131072, 128, 8), (131072, 4096, 12), (32768, 512, 3)])],
+    "router": [([(64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
+                [(131072, 128, 8), (524288, 128, 8), (131072, 512, 3)])],
 }
 
 
@@ -203,7 +205,8 @@ def tile_points() -> list[tuple[str, dict]]:
     """Each kernel's tiles at its shapes (TILE_SWEEPS); the routed kernel's points carry no kernel word."""
     return [(point_name(None if kernel == "routed" else kernel, S=S, block_size=bs, top_k=k, tile=tile),
              dict(kernel=kernel, S=S, block_size=bs, top_k=k, tile=tile))
-            for kernel, (tiles, shapes) in TILE_SWEEPS.items() for S, bs, k in shapes for tile in tiles]
+            for kernel, groups in TILE_SWEEPS.items() for tiles, shapes in groups for S, bs, k in shapes
+            for tile in tiles]
 
 
 def measure_tiles(params: dict, out_dir: Path) -> dict:
