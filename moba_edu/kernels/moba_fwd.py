@@ -156,14 +156,15 @@ def _own_block_merge_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, routed_ptr, po_
 
 def launch_config(head_dim: int) -> dict:
     """Tiles and warps per head dim (BLOCK_D = next_power_of_2(head_dim): 160 and 192 run as 256, the
-    padding masked). Up to 128: routed tiles are FlashAttention-2's 128 x 64 (a key block feeds 128
-    gathered queries); own-block tiles are the router's 64-query tiles (layout.query_tile), on 8 warps:
-    with 4, ptxas spills 1.6 KB per thread at head dim 128 (Triton 3.6 and 3.9, sm_90). Past 128 the
+    padding masked). From 65 to 128: routed tiles of 64 gathered queries x 64 keys, own-block key tiles
+    of 64 (the 64-query tile is the layout's, layout.query_tile), both on 4 warps and 3 stages, so that
+    two programs share an SM and hide each other's prologue and epilogue: on the H200 the fastest of
+    eight routed and seven own-block shapes at 32K and 128K (figures/bench/h200/moba_fwd_tiles-*.json;
+    the own-block kernel gained 8-13% over 8 warps). Up to 64: routed 128 x 64 on 4 warps. Past 128 the
     [BLOCK_M, 256] float32 accumulator and the staged key/value tiles double: routed 64 x 32 on 4 warps
     and 2 stages (the fastest of four shapes on the H200 at D = 256, 4.9 ms against 6.0 for 64 x 64 on
-    8 warps; notes/gpu_forward.md), own-block key tiles of 32 (the 64-query tile is the layout's;
-    96 KB, 240 B of stack), notes/gpu_forward.md's compile table. Under the interpreter, 16 x 16 tiles
-    keep tests quick."""
+    8 warps; notes/gpu_forward.md), own-block key tiles of 32 (96 KB, 240 B of stack),
+    notes/gpu_forward.md's compile table. Under the interpreter, 16 x 16 tiles keep tests quick."""
     if INTERPRET:
         return dict(routed=dict(BLOCK_M=16, BLOCK_N=16), own=dict(BLOCK_N=16))
     if head_dim > 128:

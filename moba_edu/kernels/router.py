@@ -192,10 +192,11 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, counts_ptr, L, stride
 
 
 def launch_config(head_dim: int) -> dict:
-    """The router's block tile and warps. 4 warps: 232 registers at head dim 128 (Triton 3.6), so two
-    programs share an SM and hide each other's load latency (8 warps: 158 registers, one program per
-    SM). Past 128 (BLOCK_D = 256) tiles of 32 blocks keep that (208 registers, 80 KB shared, no spill;
-    64 blocks spill 240 B). Under the interpreter, 16 blocks."""
+    """The router's block tile and warps. 4 warps and tiles of 64 blocks: the fastest of six shapes on
+    the H200 at 128K and 512K tokens (figures/bench/h200/moba_fwd_tiles-router-*.json; 8 warps ran
+    2-2.4x slower), two or more programs per SM hiding each other's load latency. Past 128 (BLOCK_D =
+    256) tiles of 32 blocks (208 registers, 80 KB shared, no spill; 64 blocks spill 240 B). Under the
+    interpreter, 16 blocks."""
     if INTERPRET:
         return dict(BLOCK_N=16)
     return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
