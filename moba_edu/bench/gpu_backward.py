@@ -195,48 +195,10 @@ def measure_head_dim(params: dict, out_dir: Path) -> dict:
 register(Suite("moba_bwd_hdim", "gpu", head_dim_points, measure_head_dim))
 
 
-def measure_tiles(params: dict, out_dir: Path) -> dict:
-    from moba_edu.kernels.moba_bwd import launch_config, moba_backward
-    from moba_edu.kernels.op import moba_fwd
-    from moba_edu.kernels.layout import layout
-
-    S, bs, top_k = params["S"], params["block_size"], params["top_k"]
-    q, k, v, do = qkv(S, params["Hq"], params["Hkv"], grad_out=True)
-    with torch.no_grad():
-        o, lse, routed = moba_fwd(q, k, v, [S], bs, top_k, GPU_HEAD_DIM ** -0.5)
-    lay = layout((S,), bs, q.device, True)
-
-    def run(config=None):
-        return moba_backward(do, q, k, v, o, lse, routed, lay, GPU_HEAD_DIM ** -0.5, config=config)
-
-    return dict(shape=dict(B=1, Hq=params["Hq"], Hkv=params["Hkv"], S=S, D=GPU_HEAD_DIM), block_size=bs, top_k=top_k,
-                default=launch_config(GPU_HEAD_DIM, bs), tiles=sweep(run, [dict(config=c) for c in TILES]))
-
-
-def sweep(run, variants: list[dict]) -> list[dict]:
-    """Time `run(**variant)` for each variant, with its gradients' relative error against the first
-    variant's (`run()` where the first is empty); a variant that fails (e.g. out of shared memory) is
-    recorded with its error."""
-    reference = run(**variants[0])
-    rows = []
-    for variant in variants:
-        try:
-            grads = run(**variant)
-            err = max(float((g.float() - r.float()).norm() / r.float().norm()) for g, r in zip(grads, reference))
-            rows.append(dict(variant, bwd_ms=gpu_ms(lambda: run(**variant)), rel_err_vs_first=err))
-        except Exception as exc:
-            rows.append(dict(variant, error=f"{type(exc).__name__}: {exc}"[:300]))
-        print(f"  {rows[-1]}", flush=True)
-    return rows
-
-
-register(Suite("bwd_tiles", "gpu", lambda: [moba_point(S, 16, 16, bs, k) for S, bs, k in
-                                             ((32768, 512, 3), (131072, 512, 3), (131072, 128, 8))], measure_tiles))
-
-DQ_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2))
-
-
-def measure_dq(params: dict, out_dir: Path) -> dict:
+def backward_sweep(params: dict, key: str, variants: list[dict]) -> dict:
+    """The backward alone (moba_backward given one forward's o, lse and routing) for each variant's keyword
+    arguments, timed and checked against the first variant's gradients; a variant that fails (e.g. out
+    of shared memory) is recorded with its error. The rows go under `key`."""
     from moba_edu.kernels.layout import layout
     from moba_edu.kernels.moba_bwd import launch_config, moba_backward
     from moba_edu.kernels.op import moba_fwd
@@ -251,12 +213,32 @@ def measure_dq(params: dict, out_dir: Path) -> dict:
         return moba_backward(do, q, k, v, o, lse, routed, lay, GPU_HEAD_DIM ** -0.5, config=config,
                              deterministic=deterministic)
 
+    reference = run(**variants[0])
+    rows = []
+    for variant in variants:
+        try:
+            grads = run(**variant)
+            err = max(float((g.float() - r.float()).norm() / r.float().norm()) for g, r in zip(grads, reference))
+            rows.append(dict(variant, bwd_ms=gpu_ms(lambda: run(**variant)), rel_err_vs_first=err))
+        except Exception as exc:
+            rows.append(dict(variant, error=f"{type(exc).__name__}: {exc}"[:300]))
+        print(f"  {rows[-1]}", flush=True)
+    return dict(shape=dict(B=1, Hq=params["Hq"], Hkv=params["Hkv"], S=S, D=GPU_HEAD_DIM), block_size=bs, top_k=top_k,
+                default=launch_config(GPU_HEAD_DIM, bs), **{key: rows})
+
+
+register(Suite("bwd_tiles", "gpu", lambda: [moba_point(S, 16, 16, bs, k) for S, bs, k in
+                                             ((32768, 512, 3), (131072, 512, 3), (131072, 128, 8))],
+               lambda params, out_dir: backward_sweep(params, "tiles", [dict(config=c) for c in TILES])))
+
+DQ_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2))
+
+
+def measure_dq(params: dict, out_dir: Path) -> dict:
     variants = [dict(config=dict(DQ="atomic"))]
     variants += [dict(config=dict(DQ="slots", dq_routed=dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)))
                  for m, n, w, st in DQ_TILES]
-    variants += [dict(deterministic=True)]
-    return dict(shape=dict(B=1, Hq=params["Hq"], Hkv=params["Hkv"], S=S, D=GPU_HEAD_DIM), block_size=bs, top_k=top_k,
-                default=launch_config(GPU_HEAD_DIM, bs), variants=sweep(run, variants))
+    return backward_sweep(params, "variants", variants + [dict(deterministic=True)])
 
 
 register(Suite("bwd_dq", "gpu", lambda: [moba_point(S, 16, 16, bs, k) for S in (32768, 131072) for bs, k in CONFIGS
