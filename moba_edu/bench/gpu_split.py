@@ -53,6 +53,8 @@ def measure(params: dict, out_dir: Path) -> dict:
             x.requires_grad_()
 
         def both():
+            for x in (q, k, v):
+                x.grad = None                 # as a training step: no add into the previous call's grads
             call().backward(do)
 
         record["fwd_bwd_kernels_ms"] = kernel_ms(both)
