@@ -5,11 +5,11 @@ moba_fwd_bwd  forward + backward of impl="triton" against dense causal SDPA forw
               128K; (block_size, top_k) in (512, 3), (128, 8), (4096, 12); grouped 32 / 8 heads at
               32K and 128K (dense on repeated k, v: the same FLOPs); and the long points LONG, 512K
               (128, 8) and 1M (4096, 12), against cuDNN alone, MoBA and cuDNN each one CUDA-event call
-              after a warm-up (the dense 1M forward + backward takes about half a minute per call). Per point: forward, backward
-              (total - forward) and total times; density; the backward's floor (`cost.backward_cost`:
-              its useful FLOPs at the measured bf16 rate, or its bytes at the measured copy bandwidth,
-              whichever is larger); the FLOPs the kernels really do; peak memory of forward + backward
-              beyond q, k, v, o and their gradients.
+              after a warm-up (the dense 1M forward + backward takes about half a minute per call).
+              Per point: forward, backward (total - forward) and total times; density; the backward's
+              floor (`cost.backward_cost`: its useful FLOPs at the measured bf16 rate, or its bytes at
+              the measured copy bandwidth, whichever is larger); the FLOPs the kernels really do; peak
+              memory of forward + backward beyond q, k, v, o and their gradients.
 moba_bwd_hdim forward + backward at head dims 192 and 256 (gpu_forward's head_dim_points: S = 32K
               and 128K, (512, 3), 16 heads) against dense causal SDPA forward + backward at the same head
               dim (a backend that does not take it: `<backend>_error`).

@@ -48,7 +48,7 @@ from .layout import (LOG2E, LOG2E_K, Layout, Schedule, default_partial_budget, r
 from .router import schedule
 
 # The block size from which the routed dQ is summed per slot rather than by atomic adds (launch_config): on
-# the H200 per slot was 14% faster at (4096, 12) and 32K tokens, 6-60% slower at (512, 3) and (128, 8)
+# the H200 per slot was 14% faster at (4096, 12) and 32K tokens, 3-58% slower at (512, 3) and (128, 8)
 # (figures/bench/h200/bwd_dq-*.json).
 SLOTS_FROM_BLOCK = 4096
 
@@ -285,13 +285,14 @@ def launch_config(head_dim: int, block_size: int) -> dict:
     """Tiles, warps and the routed dQ's path per head dim and block size.
 
     dK/dV and dQ kernels (BLOCK_M, BLOCK_N, num_warps, num_stages). Under the interpreter the smallest
-    tiles tl.dot takes. On a GPU up to head dim 128 (the H200 sweeps in figures/bench/h200/bwd_tiles-*.json),
-    key tiles of 128 keys with float32 dK and dV [128, D] in registers of 8 warps, and query tiles of 32
-    streaming past, 3 stages: FlashAttention-2's Triton backward shape (3 stages against 2: 10-11% faster
-    at 128K with (512, 3) and (128, 8)). Past 128 (BLOCK_D = 256; 160 and 192
-    padded) dK and dV of 64 keys spill 136-848 B per thread (sm_90): 32 x 32 tiles compile without
-    spills in every kernel, and on 4 warps ran fastest of five shapes on the H200 at D = 256 (13.9 ms
-    against 23.5 on 8 warps; notes/gpu_backward.md). The dQ kernel's query tile is the router's (64).
+    tiles tl.dot takes. On a GPU up to head dim 128 (the H200 sweeps in
+    figures/bench/h200/bwd_tiles-*.json), key tiles of 128 keys with float32 dK and dV [128, D] in
+    registers of 8 warps, and query tiles of 32 streaming past: FlashAttention-2's Triton backward
+    shape, with 3 stages (10-11% faster than 2 at 128K with (512, 3) and (128, 8)). Past 128
+    (BLOCK_D = 256; 160 and 192 padded) dK and dV of 64 keys spill 136-848 B per thread (sm_90):
+    32 x 32 tiles compile without spills in every kernel, and on 4 warps ran fastest of five shapes on
+    the H200 at D = 256 (13.9 ms against 23.5 on 8 warps; notes/gpu_backward.md). The dQ kernel's
+    query tile is the router's (64).
 
     DQ: how the routed queries' dQ terms are summed. "atomic": the dK/dV kernel adds dS K into a
     float32 accumulator per key tile (FlashAttention-2's way; block_size / BLOCK_N atomic row adds per

@@ -8,10 +8,10 @@ ones, query head h reading key head h // g, blocks restarting at every sequence.
 How the float32 gates are computed. Under the interpreter: `tl.dot(..., input_precision="ieee")`.
 On a GPU that FMA dot ran 10-17x over the router's floor on the H200 (notes/gpu_forward.md), so the
 gates run on the tensor cores *exactly*: each float32 mean is split into three bfloat16 pieces whose
-sum is the mean exactly (once per call, `means_pieces`), q (bfloat16) is one piece (float16: two, float32: three), every product of
-two bfloat16 pieces is exact in float32 and the tensor cores accumulate in float32. Only the
-accumulation rounds, as in the FMA dot; TF32 instead rounds both operands to 11 bits
-(`_exact_gates`). docs/design.md §1 names the ieee dot; this computes the same float32 dot product.
+sum is the mean exactly (once per call, `means_pieces`), q (bfloat16) is one piece (float16: two,
+float32: three), every product of two bfloat16 pieces is exact in float32 and the tensor cores
+accumulate in float32. Only the accumulation rounds, as in the FMA dot; TF32 instead rounds both
+operands to 11 bits (`_exact_gates`). docs/design.md §1 names the ieee dot; this computes the same float32 dot product.
 
 Tables (layout.py): the token rows, `Layout` (key blocks and query tiles), the routing this file
 writes (`routed` int32 [Hq, T, R]) and the block-major `Schedule` it builds for the forward and
@@ -174,7 +174,7 @@ def _route_kernel(q_ptr, means_ptr, routed_ptr, tiles_ptr, counts_ptr, L, stride
             gates = _exact_gates(q_pieces, m_pieces, Q_PIECES)
         else:
             gates = tl.dot(q, tl.load(means_t, mask=eligible, other=0.0), input_precision="ieee")   # [BM, BN] float32
-        gates = tl.where(row_ok[:, None] & (j < own)[None, :], gates, -float("inf"))
+        gates = tl.where(row_ok[:, None] & eligible, gates, -float("inf"))
         top_v, top_i = _insert(gates, j0, top_v, top_i, ROUTED_PAD, BLOCK_N)
     # Emit by descending gate: R passes of "take the row's best remaining slot".
     top_v = tl.where(slots[None, :] < R, top_v, -float("inf"))
