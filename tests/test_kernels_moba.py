@@ -68,7 +68,7 @@ def test_schedule_lists_every_pair_once(router_counts):
     gen = torch.Generator().manual_seed(4)
     q, k = torch.randn(76, 4, 16, generator=gen), torch.randn(76, 2, 16, generator=gen)
     lay = layout.layout(lengths, 8, q.device, False)
-    counts = torch.zeros(-(-lay.NT // 2) * lay.NB * 4, dtype=torch.int32) if router_counts else None
+    counts = router.pair_counts(lay, 4, 2, q.device) if router_counts else None
     routed = router.packed_route(q, router.block_means(k, lay), lay, 4, counts, tiles_per_chunk=2)
     sched = router.schedule(routed, lay, tiles_per_chunk=2, counts=counts)
     Hq, R = 4, sched.R

@@ -105,7 +105,7 @@ def measure_moba(params: dict, out_dir: Path) -> dict:
     with torch.inference_mode():
         # As moba_forward runs them: the router also counts the pairs, the schedule fills the buckets.
         chunk_tiles = tiles_per_chunk(lay, Hq, lay.routed_slots(top_k), D, 2, default_partial_budget(q))
-        counts = torch.zeros(-(-lay.NT // chunk_tiles) * lay.NB * Hq, dtype=torch.int32, device=q.device)
+        counts = router.pair_counts(lay, Hq, chunk_tiles, q.device)
 
         def route():
             counts.zero_()

@@ -372,6 +372,8 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         *strides(dk), *strides(dv), lay.T, Hq, lay.NB, Hq // Hkv, max(R, 1), sched.n_chunks if R else 0,
         scale, scale * LOG2E, BLOCK_M=BM, BLOCK_N=BN, TILES_PER_BLOCK=tiles_per_block, ATOMIC_DQ=atomic,
         WIDE=wide, **dims, **warps)
+    if not atomic and R:
+        tile_offsets, tile_bucket = sched.tile_table(cfg["dq_routed"]["BLOCK_M"])
     for c in range(1 if atomic else sched.n_chunks):
         token0, token1 = (0, lay.T) if atomic else sched.chunk_tokens[c:c + 2]
         tile0, tile1 = (0, lay.NT) if atomic else (c * sched.tiles_per_chunk,
@@ -380,11 +382,8 @@ def moba_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         if not atomic:
             routed_dq = torch.zeros(Hq, token1 - token0, max(R, 1), block_d, dtype=torch.float32, device=q.device)
             if R:
-                rows = cfg["dq_routed"]["BLOCK_M"]
-                if c == 0:
-                    tile_offsets, tile_bucket = sched.tile_table(rows)
                 bucket_lo, bucket_hi = sched.buckets(c)
-                most_tiles = -(-(token1 - token0) * Hq * R // rows) + lay.NB * Hq
+                most_tiles = -(-(token1 - token0) * Hq * R // cfg["dq_routed"]["BLOCK_M"]) + lay.NB * Hq
                 _dq_routed_kernel[(most_tiles,)](
                     q, k, v, do, lse, delta, routed_dq, lay.blocks, sched.pair_offsets, pair_slot, tile_offsets,
                     tile_bucket, *common, lay.T, Hq, lay.NB, Hq // Hkv, R, c, token0, token1 - token0,

@@ -39,7 +39,7 @@ from . import INTERPRET
 from .flash import attend_tile
 from .layout import (LN2, LOG2E, LOG2E_K, default_partial_budget, layout, row_offset, strides, tile_header,
                      tiles_per_chunk)
-from .router import block_means, packed_route, schedule
+from .router import block_means, packed_route, pair_counts, schedule
 
 
 @triton.jit
@@ -193,7 +193,7 @@ def moba_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tup
     R = lay.routed_slots(top_k)
     budget = partial_budget if partial_budget is not None else default_partial_budget(q)
     chunk_tiles = tiles_per_chunk(lay, Hq, R, block_d, q.element_size(), budget)
-    counts = torch.zeros(max(1, -(-lay.NT // chunk_tiles)) * lay.NB * Hq, dtype=torch.int32, device=q.device)
+    counts = pair_counts(lay, Hq, chunk_tiles, q.device)
     routed = packed_route(q, block_means(k, lay), lay, top_k, counts, chunk_tiles)   # counts pairs too
     sched = schedule(routed, lay, chunk_tiles, counts)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -245,21 +245,29 @@ def _pairs_kernel(routed_ptr, tiles_ptr, counts_ptr, slot_ptr, T, NB, Hq, R, til
         tl.atomic_add(counts_ptr + bucket, 1, mask=ok, sem="relaxed")
 
 
+def pair_counts(lay: Layout, Hq: int, tiles_per_chunk: int, device) -> torch.Tensor:
+    """Zeroed int32 [n_chunks * NB * Hq]: one pair count per schedule bucket, for chunks of
+    `tiles_per_chunk` query tiles (filled by the router, `packed_route(..., counts=...)`, or by
+    `schedule`'s own counting pass)."""
+    return torch.zeros(max(1, -(-lay.NT // tiles_per_chunk)) * lay.NB * Hq, dtype=torch.int32, device=device)
+
+
 def schedule(routed: torch.Tensor, lay: Layout, tiles_per_chunk: int, counts: torch.Tensor | None = None) -> Schedule:
     """Build the block-major pair lists of `routed` int32 [Hq, T, R] (layout.py's docstring). counts:
     the pairs per bucket, where the router counted them (`packed_route(..., counts=...)`, the same
     tiles_per_chunk); else a counting pass runs first."""
     Hq, T, R = routed.shape
+    counted = counts is not None
+    if not counted:
+        counts = pair_counts(lay, Hq, tiles_per_chunk, routed.device)
     n_chunks = max(1, -(-lay.NT // tiles_per_chunk))
-    n_buckets = n_chunks * lay.NB * Hq
-    assert T * Hq * R < 2**31 and n_buckets < 2**31, "pair numbering is int32"
-    offsets = torch.zeros(n_buckets + 1, dtype=torch.int32, device=routed.device)
+    assert T * Hq * R < 2**31 and counts.numel() < 2**31, "pair numbering is int32"
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=routed.device)
     pair_slot = torch.empty(T * Hq * R, dtype=torch.int32, device=routed.device)
     if R and lay.NT:
         args = (routed, lay.tiles)
         common = dict(BLOCK_M=lay.QT, ROUTED_PAD=triton.next_power_of_2(R))
-        if counts is None:
-            counts = torch.zeros(n_buckets, dtype=torch.int32, device=routed.device)
+        if not counted:
             _pairs_kernel[(lay.NT, Hq)](*args, counts, pair_slot, T, lay.NB, Hq, R, tiles_per_chunk, FILL=False,
                                         **common)
         torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
